@@ -1,0 +1,134 @@
+"""Safe reading of FlexPredict weight files: official training checkpoints, safetensors, converted folders.
+
+Nothing here unpickles arbitrary objects: torch files are read with ``weights_only=True`` and, where the
+file is a zip archive, memory-mapped, so taking the encoder out of a training checkpoint touches only the
+encoder's bytes (not the optimizer state).
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+PathLike = Union[str, Path]
+ENCODER_KEYS = ("target_encoder", "encoder")
+SAFETENSORS_NAME = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A weight file that cannot be used; the message says why and what to do."""
+
+
+class ChecksumError(CheckpointError):
+    def __init__(self, path: PathLike, expected: str, actual: str):
+        self.path, self.expected, self.actual = str(path), expected, actual
+        super().__init__(
+            f"sha256 mismatch for {path}: expected {expected}, got {actual}. The file was not used. "
+            f"It is corrupt or not the released file: delete it and download it again "
+            f"(`flexpredict-zoo download MODEL --force`).")
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The weights do not fit the architecture (e.g. ViT-L weights for a ViT-B model)."""
+
+
+def sha256_file(path: PathLike, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: PathLike, expected: Optional[str]) -> Optional[str]:
+    """Raise ChecksumError when `expected` is given and differs; return the actual digest (None if not checked)."""
+    if not expected:
+        return None
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise ChecksumError(path, expected, actual)
+    return actual
+
+
+def resolve_weight_file(path: PathLike) -> Path:
+    """A file, or a folder written by `flexpredict-zoo convert` (holding model.safetensors)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        candidate = path / SAFETENSORS_NAME
+        if not candidate.is_file():
+            raise CheckpointError(f"{path} is a folder without {SAFETENSORS_NAME}; pass the weight file itself or a "
+                                  f"folder written by `flexpredict-zoo convert`")
+        return candidate
+    if not path.is_file():
+        raise CheckpointError(f"weight file {path} does not exist")
+    return path
+
+
+def load_file(path: PathLike) -> Dict[str, Any]:
+    """Read a weight file without unpickling arbitrary objects; corrupt or unsafe files raise CheckpointError."""
+    path = resolve_weight_file(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+        try:
+            return load_safetensors(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt: "
+                                  f"download or export it again") from e
+    mmap = zipfile.is_zipfile(path)  # torch's zip format can be memory-mapped; the legacy format cannot
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects other than tensors and plain containers, and "
+            f"loading it would run arbitrary code. Only load weights you trust; convert a trusted checkpoint to "
+            f"safetensors first (details: {str(e).splitlines()[0]})") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); it is "
+                              f"truncated or corrupt: delete it and download it again") from e
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> Dict[str, Any]:
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def is_training_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    return any(key in checkpoint and isinstance(checkpoint[key], Mapping) for key in ENCODER_KEYS)
+
+
+def encoder_state_dict(checkpoint: Mapping[str, Any], encoder: str = "target_encoder") -> Dict[str, Any]:
+    """The encoder weights (without 'module.') of an official training checkpoint, or a plain state dict as is."""
+    if encoder not in ENCODER_KEYS:
+        raise ValueError(f"encoder must be one of {ENCODER_KEYS}, got {encoder!r}")
+    if is_training_checkpoint(checkpoint):
+        if encoder not in checkpoint:
+            raise CheckpointError(f"the checkpoint has no {encoder!r} entry; it has {sorted(checkpoint)}")
+        return strip_prefix(checkpoint[encoder])
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"no encoder weights found: the file holds {sorted(checkpoint)[:10]}, neither a FlexPredict "
+                              f"training checkpoint (with {ENCODER_KEYS}) nor a state dict of tensors")
+    return strip_prefix(tensors)
+
+
+def check_fits(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+               optional_prefixes: tuple = ("head.",), what: str = "the model") -> None:
+    """Raise CheckpointMismatchError naming the keys and shapes that differ between weights and architecture."""
+    missing = [k for k in expected if k not in state_dict and not k.startswith(optional_prefixes)]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    lines = []
+    for title, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if items:
+            shown = "\n    ".join(items[:8]) + (f"\n    ... and {len(items) - 8} more" if len(items) > 8 else "")
+            lines.append(f"  {len(items)} {title}:\n    {shown}")
+    raise CheckpointMismatchError(
+        f"these weights do not fit {what}:\n" + "\n".join(lines) +
+        "\nCheck that the file is for this architecture (e.g. vit-l16 weights need flexpredict_vit_l16).")

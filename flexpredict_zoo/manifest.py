@@ -1,0 +1,170 @@
+"""`weights_manifest.json`: the single source of truth for architectures and released weights.
+
+The timm pretrained configs (see `vision_transformer.py`) and `MODEL_CARD.md` are generated from it.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+MANIFEST_NAME = "weights_manifest.json"
+_ARCH_KEYS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"}
+_WEIGHT_KEYS = {"tag", "encoder", "description", "source", "sha256", "license", "notes", "training", "evaluation"}
+_SOURCE_KEYS = {"hf_hub_id", "hf_hub_filename", "revision", "package_file"}
+
+
+class ManifestError(ValueError):
+    """The manifest is malformed."""
+
+
+class UnknownModelError(KeyError):
+    """A model name that the manifest does not hold."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    model: str
+    tag: str
+    encoder: str  # checkpoint key of an official training checkpoint: 'target_encoder' or 'encoder'
+    source: Dict[str, Any]
+    sha256: Optional[str]
+    license: str
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}.{self.tag}"
+
+
+def manifest_path() -> Path:
+    return Path(str(resources.files("flexpredict_zoo").joinpath(MANIFEST_NAME)))
+
+
+def _check_keys(where: str, got: Dict[str, Any], allowed: set) -> None:
+    unknown = set(got) - allowed
+    if unknown:
+        raise ManifestError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys are {sorted(allowed)}")
+
+
+def validate(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    if manifest.get("format_version") != 1:
+        raise ManifestError(f"unsupported manifest format_version {manifest.get('format_version')!r}; expected 1")
+    for name, entry in manifest["models"].items():
+        arch = entry.get("architecture")
+        if not arch or set(arch) != _ARCH_KEYS:
+            raise ManifestError(f"model {name}: 'architecture' must have exactly the keys {sorted(_ARCH_KEYS)}")
+        tags = set()
+        for weights in entry.get("weights", []):
+            _check_keys(f"model {name} weights", weights, _WEIGHT_KEYS)
+            _check_keys(f"model {name} weights source", weights["source"], _SOURCE_KEYS)
+            if weights["encoder"] not in ("target_encoder", "encoder"):
+                raise ManifestError(f"model {name}.{weights['tag']}: encoder must be 'target_encoder' or 'encoder'")
+            if weights["tag"] in tags:
+                raise ManifestError(f"model {name}: duplicate tag {weights['tag']!r}")
+            tags.add(weights["tag"])
+    return manifest
+
+
+def load_manifest(path: Optional[Path] = None) -> Dict[str, Any]:
+    if path is not None:
+        return validate(json.loads(Path(path).read_text()))
+    return _packaged_manifest()
+
+
+@lru_cache(maxsize=1)
+def _packaged_manifest() -> Dict[str, Any]:
+    return validate(json.loads(manifest_path().read_text()))
+
+
+def model_names() -> List[str]:
+    return list(load_manifest()["models"])
+
+
+def split_name(name: str) -> tuple:
+    """'flexpredict_vit_b16.stop_in1k' -> ('flexpredict_vit_b16', 'stop_in1k'); the tag may be absent."""
+    model, _, tag = name.partition(".")
+    return model, (tag or None)
+
+
+def model_entry(name: str) -> Dict[str, Any]:
+    model, _ = split_name(name)
+    models = load_manifest()["models"]
+    if model not in models:
+        close = difflib.get_close_matches(model, list(models), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown FlexPredict model {model!r}.{hint} Known models: {', '.join(models)} "
+            f"(`flexpredict-zoo list` prints them with their weights).")
+    return models[model]
+
+
+def weight_entries(name: str) -> List[WeightEntry]:
+    model, _ = split_name(name)
+    return [WeightEntry(model=model, tag=w["tag"], encoder=w["encoder"], source=w["source"], sha256=w.get("sha256"),
+                        license=w.get("license", ""), description=w.get("description", ""))
+            for w in model_entry(model).get("weights", [])]
+
+
+def weight_entry(name: str) -> WeightEntry:
+    """The weights for 'model' (default tag) or 'model.tag'."""
+    model, tag = split_name(name)
+    entries = weight_entries(model)
+    if not entries:
+        raise UnknownModelError(f"{model} has no released weights; create it with pretrained=False or pass a file "
+                                f"with pretrained_cfg_overlay=dict(file=PATH)")
+    if tag is None:
+        return entries[0]
+    for entry in entries:
+        if entry.tag == tag:
+            return entry
+    raise UnknownModelError(f"{model} has no weights tagged {tag!r}; its tags are {[e.tag for e in entries]}")
+
+
+def find_weight_entry(hf_hub_id: Optional[str], filename: Optional[str], encoder: Optional[str] = None) -> Optional[WeightEntry]:
+    """The manifest entry that a Hub repository and file name belong to (to look up its sha256)."""
+    repo = (hf_hub_id or "").split("@")[0]
+    for model in model_names():
+        for entry in weight_entries(model):
+            src = entry.source
+            if src.get("hf_hub_id") == repo and src.get("hf_hub_filename") == filename and encoder in (None, entry.encoder):
+                return entry
+    return None
+
+
+def pretrained_cfgs() -> Dict[str, Dict[str, Any]]:
+    """timm pretrained configs ('model.tag' -> cfg dict), generated from the manifest; the first tag is the default."""
+    manifest = load_manifest()
+    paper = manifest["paper"]
+    cfgs: Dict[str, Dict[str, Any]] = {}
+    for model, entry in manifest["models"].items():
+        data = entry["data"]
+        common = dict(
+            num_classes=0, classifier="head", input_size=tuple(data["input_size"]),
+            interpolation=data["interpolation"], crop_pct=data["crop_pct"], crop_mode=data["crop_mode"],
+            mean=tuple(data["mean"]), std=tuple(data["std"]), first_conv="patch_embed.proj",
+            fixed_input_size=False, paper_name=paper["published_title"], paper_ids=f"arXiv:{paper['arxiv']}",
+            origin_url=paper["official_code"],
+        )
+        weights = entry.get("weights", [])
+        if not weights:
+            cfgs[model] = dict(common, description=entry["description"])
+            continue
+        for w in weights:
+            src = w["source"]
+            cfg = dict(common, license=w.get("license"), description=f"{entry['description']}; {w['description']}",
+                       notes=(f"encoder={w['encoder']}",))
+            if "hf_hub_id" in src:
+                hub_id = src["hf_hub_id"] + (f"@{src['revision']}" if src.get("revision") else "")
+                cfg.update(hf_hub_id=hub_id, hf_hub_filename=src["hf_hub_filename"])
+            else:
+                cfg.update(file=str(manifest_path().parent / src["package_file"]))
+            cfgs[f"{model}.{w['tag']}"] = cfg
+    return cfgs

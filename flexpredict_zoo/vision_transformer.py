@@ -1,0 +1,183 @@
+"""The FlexPredict (StoP) ViT encoder as a timm model.
+
+timm's VisionTransformer with no class token, mean pooling over the final-normed tokens and a fixed
+MAE/I-JEPA-layout sin-cos position embedding (a non-persistent buffer, regenerated exactly for any grid
+instead of interpolated). `forward_masked` is the context-encoder forward the trainer uses, so the
+class that is trained is the class that is served.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models.vision_transformer import VisionTransformer
+
+from . import manifest
+from .checkpoints import check_fits, encoder_state_dict, load_file, strip_prefix, verify_sha256
+from .hub import download
+from .pos_embed import sincos_2d
+
+__all__ = ["FlexPredictViT", "checkpoint_filter_fn", "gather_tokens"]
+
+
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), indices (B, K) -> (B, K, D): one batched gather, no Python loop."""
+    return torch.gather(x, 1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class FlexPredictViT(VisionTransformer):
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("global_pool", "avg")
+        kwargs.setdefault("num_classes", 0)
+        for key, value in dict(class_token=False, pos_embed="none", fc_norm=False, reg_tokens=0).items():
+            if kwargs.pop(key, value) != value:
+                raise ValueError(f"FlexPredictViT requires {key}={value!r} (the FlexPredict architecture)")
+        kwargs.setdefault("norm_layer", None)  # timm default: LayerNorm eps 1e-6, as the official encoder
+        super().__init__(class_token=False, pos_embed="none", fc_norm=False, **kwargs)
+        self._set_pos_embed()
+
+    def _set_pos_embed(self) -> None:
+        # Fixed, never learned: a non-persistent buffer, so state dicts carry no position embedding.
+        grid = tuple(self.patch_embed.grid_size)
+        if "pos_embed" in self.__dict__:  # timm's pos_embed='none' leaves a plain attribute
+            del self.pos_embed
+        self._buffers.pop("pos_embed", None)
+        self.register_buffer("pos_embed", sincos_2d(self.embed_dim, grid), persistent=False)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        self._buffers["pos_embed"] = None  # let timm resize the patch embedding without resampling anything
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        self._set_pos_embed()
+
+    def _grid_pos_embed(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        if (rows, cols) == tuple(self.patch_embed.grid_size):
+            return self.pos_embed.to(like.dtype)
+        return sincos_2d(self.embed_dim, (rows, cols), dtype=like.dtype, device=like.device)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_img_size:  # patch_embed gives NHWC
+            B, H, W, C = x.shape
+            x = x.reshape(B, H * W, C) + self._grid_pos_embed(H, W, x)
+        else:
+            x = x + self.pos_embed.to(x.dtype)
+        return self.pos_drop(x)
+
+    def forward_masked(self, x: torch.Tensor, masks: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None
+                       ) -> torch.Tensor:
+        """Encode only the kept tokens: masks are (B, K) patch indices (one tensor or a list, as the official
+        code passes them); the outputs for several masks are concatenated along the batch (mask-major)."""
+        x = self._pos_embed(self.patch_embed(x))
+        if masks is not None:
+            masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
+            x = torch.cat([gather_tokens(x, m) for m in masks], dim=0)
+        x = self.norm_pre(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models._manipulate import checkpoint_seq
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
+        """timm's custom-load hook: read the weight file safely (memory-mapped, weights_only) and load the encoder."""
+        encoder = _encoder_key(getattr(self, "pretrained_cfg", None) or {})
+        state_dict = checkpoint_filter_fn(encoder_state_dict(load_file(checkpoint_path), encoder), self)
+        incompatible = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in incompatible.missing_keys if not k.startswith("head.")]
+        if missing or incompatible.unexpected_keys:  # check_fits already raised; keep the guarantee explicit
+            raise RuntimeError(f"weights did not load: missing {missing}, unexpected {incompatible.unexpected_keys}")
+
+
+def _encoder_key(pretrained_cfg: Mapping[str, Any]) -> str:
+    for note in pretrained_cfg.get("notes") or ():
+        if str(note).startswith("encoder="):
+            return str(note).split("=", 1)[1]
+    return "target_encoder"
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: FlexPredictViT) -> Dict[str, torch.Tensor]:
+    """Map an official StoP checkpoint (training dict or encoder state dict, `module.` keys) or an exported
+    state dict to this model's keys, dropping the fixed position embedding; raise if it does not fit."""
+    state_dict = encoder_state_dict(state_dict, _encoder_key(getattr(model, "pretrained_cfg", None) or {}))
+    state_dict = {k: v for k, v in strip_prefix(state_dict).items() if k != "pos_embed"}
+    expected = model.state_dict()
+    if getattr(model, "num_classes", 0) == 0 or any(k.startswith("head.") and k not in expected for k in state_dict):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    check_fits(state_dict, expected, what=f"{type(model).__name__} (embed_dim={model.embed_dim}, depth={len(model.blocks)})")
+    return state_dict
+
+
+def _weight_path(cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path]]) -> Path:
+    """Where the weights of a resolved pretrained cfg are on disk, downloading and checking them as needed."""
+    entry = None
+    if cfg.get("architecture") and cfg.get("tag"):
+        try:
+            entry = manifest.weight_entry(f"{cfg['architecture']}.{cfg['tag']}")
+        except KeyError:
+            entry = None
+    if cfg.get("file"):
+        path = Path(cfg["file"])
+        packaged = entry is not None and "package_file" in entry.source and \
+            path.resolve() == (manifest.manifest_path().parent / entry.source["package_file"]).resolve()
+        if packaged:
+            verify_sha256(path, entry.sha256)
+        return path
+    if cfg.get("hf_hub_id") and cfg.get("hf_hub_filename"):
+        path = download(cfg["hf_hub_id"], cfg["hf_hub_filename"], cache_dir=cache_dir)
+        recorded = manifest.find_weight_entry(cfg["hf_hub_id"], cfg["hf_hub_filename"])
+        verify_sha256(path, recorded.sha256 if recorded else None)
+        return path
+    raise RuntimeError(f"{cfg.get('architecture')} has no pretrained weights; use pretrained=False, or pass a file "
+                       f"with pretrained_cfg_overlay=dict(file=PATH)")
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> FlexPredictViT:
+    arch = manifest.model_entry(variant)["architecture"]
+    model_args = dict(arch, **{k: kwargs.pop(k) for k in list(kwargs) if k in arch})
+    cache_dir = kwargs.get("cache_dir")
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.pop("pretrained_cfg", None),
+                                 pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None)).to_dict()
+    if pretrained and cfg.get("source") not in ("hf-hub", "local-dir"):
+        # Registry weights and local files: fetch (and check) here, then timm calls
+        # FlexPredictViT.load_pretrained, which memory-maps the file and takes the encoder only.
+        cfg.update(file=str(_weight_path(cfg, cache_dir)), custom_load=True)
+    # Converted exports (hf-hub:ORG/NAME, local-dir:DIR) hold plain safetensors: timm's own path, same filter.
+    return build_model_with_cfg(
+        FlexPredictViT, variant, pretrained, pretrained_cfg=cfg, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter"), **model_args, **kwargs)
+
+
+default_cfgs = generate_default_cfgs(manifest.pretrained_cfgs())
+
+
+@register_model
+def flexpredict_vit_ti16(pretrained: bool = False, **kwargs) -> FlexPredictViT:
+    return _create("flexpredict_vit_ti16", pretrained, **kwargs)
+
+
+@register_model
+def flexpredict_vit_s16(pretrained: bool = False, **kwargs) -> FlexPredictViT:
+    return _create("flexpredict_vit_s16", pretrained, **kwargs)
+
+
+@register_model
+def flexpredict_vit_b16(pretrained: bool = False, **kwargs) -> FlexPredictViT:
+    return _create("flexpredict_vit_b16", pretrained, **kwargs)
+
+
+@register_model
+def flexpredict_vit_l16(pretrained: bool = False, **kwargs) -> FlexPredictViT:
+    return _create("flexpredict_vit_l16", pretrained, **kwargs)
+
+
+@register_model
+def flexpredict_vit_h16(pretrained: bool = False, **kwargs) -> FlexPredictViT:
+    return _create("flexpredict_vit_h16", pretrained, **kwargs)
+
+
+@register_model
+def flexpredict_vit_m4_32(pretrained: bool = False, **kwargs) -> FlexPredictViT:
+    return _create("flexpredict_vit_m4_32", pretrained, **kwargs)

@@ -1,0 +1,1 @@
+"""FlexPredict (StoP) pretraining, installed as `flexpredict_zoo.train`."""
