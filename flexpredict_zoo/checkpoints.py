@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -83,10 +84,16 @@ def load_file(path: PathLike) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        # torch raises UnpicklingError both for a disallowed global (an object we refuse to build) and for
+        # bytes that are no pickle at all (a corrupt file); only the first is a safety refusal.
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        if unsafe is None:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (its pickle data is invalid); it "
+                                  f"is truncated or corrupt: delete it and download it again") from e
         raise CheckpointError(
-            f"refusing to load {path}: it holds Python objects other than tensors and plain containers, and "
-            f"loading it would run arbitrary code. Only load weights you trust; convert a trusted checkpoint to "
-            f"safetensors first (details: {str(e).splitlines()[0]})") from e
+            f"refusing to load {path}: it holds Python objects other than tensors and plain containers "
+            f"(first one: {unsafe.group(1)}), and loading it would run arbitrary code. Only load weights you "
+            f"trust; convert a trusted checkpoint to safetensors first") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); it is "
                               f"truncated or corrupt: delete it and download it again") from e
