@@ -525,8 +525,10 @@ def run_extract(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
         model_kwargs["pretrained_cfg_overlay"] = dict(file=str(args.checkpoint))
     out.parent.mkdir(parents=True, exist_ok=True)
+    # One folder: names relative to it, as in the API; several paths: names as given.
+    inputs = args.paths[0] if len(args.paths) == 1 else args.paths
     result = extract_features(
-        args.model, args.paths, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+        args.model, inputs, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
         patch_tokens=args.patch_tokens, layers=args.layers, pretrained=not args.no_pretrained, dtype=args.dtype,
         progress=not args.no_progress, model_kwargs=model_kwargs)
     extra = {"weights": str(args.checkpoint) if args.checkpoint else ("none" if args.no_pretrained else "pretrained")}
