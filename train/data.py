@@ -1,0 +1,245 @@
+"""Pretraining and evaluation datasets: image folders, scikit-learn's digits, synthetic tensors.
+
+Items are `(image_tensor, label)`. A folder image that cannot be decoded comes back as an
+`UnreadableImage(path, error)` instead of raising, so one bad JPEG never kills a DataLoader worker;
+the collate step separates them with `filter_unreadable` and the trainer counts and logs them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# scikit-learn's digits: 1,797 images of 8x8 grey values 0..16, 10 classes. A stratified split with a fixed
+# seed gives 1,297 training and 500 held-out images, identical on every machine.
+DIGITS_HELDOUT = 500
+DIGITS_SPLIT_SEED = 0
+DIGITS_NUM_CLASSES = 10
+
+
+class UnreadableImage(NamedTuple):
+    """Stands in for a sample whose image could not be read; `error` says why."""
+    path: str
+    error: str
+
+
+def filter_unreadable(batch: Sequence[Any]) -> Tuple[List[Any], List[UnreadableImage]]:
+    """Split a list of samples into the readable ones and the UnreadableImage markers."""
+    good, bad = [], []
+    for sample in batch:
+        (bad if isinstance(sample, UnreadableImage) else good).append(sample)
+    return good, bad
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+class RandomGaussianBlur:
+    """PIL Gaussian blur applied with probability p, radius drawn uniformly from `radius` (as the official
+    I-JEPA/StoP transform). Uses torch's RNG so DataLoader worker seeding makes it reproducible."""
+
+    def __init__(self, p: float = 0.5, radius: Tuple[float, float] = (0.1, 2.0)):
+        self.p = float(p)
+        self.radius = (float(radius[0]), float(radius[1]))
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(()).item() >= self.p:
+            return img
+        low, high = self.radius
+        r = low + torch.rand(()).item() * (high - low)
+        return img.filter(ImageFilter.GaussianBlur(radius=r))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, radius={self.radius})"
+
+
+def pretraining_transform(img_size: int, crop_scale: Tuple[float, float] = (0.3, 1.0), hflip: bool = True,
+                          grayscale_p: float = 0.2, blur_p: float = 0.5, blur_radius: Tuple[float, float] = (0.1, 2.0),
+                          color_jitter: float = 0.0, mean: Sequence[float] = IMAGENET_MEAN,
+                          std: Sequence[float] = IMAGENET_STD) -> transforms.Compose:
+    """The official StoP augmentations (DESIGN.md section 4), in the official order: RandomResizedCrop
+    (torchvision's default bilinear interpolation, as the official), horizontal flip, colour distortion
+    (jitter of strength s applied with p 0.8, then RandomGrayscale), Gaussian blur, ToTensor, Normalize.
+    A probability of 0 or `hflip=False` leaves the step out."""
+    steps: List[Callable] = [transforms.RandomResizedCrop(img_size, scale=tuple(crop_scale))]
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    if color_jitter > 0:
+        s = float(color_jitter)
+        # Official get_color_distortion(s): ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8; strength 0 is a no-op.
+        steps.append(transforms.RandomApply([transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8))
+    if grayscale_p > 0:
+        steps.append(transforms.RandomGrayscale(p=grayscale_p))
+    if blur_p > 0:
+        steps.append(RandomGaussianBlur(p=blur_p, radius=blur_radius))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
+
+
+def eval_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   interpolation: str = "bilinear") -> transforms.Compose:
+    """The official evaluation preprocessing: short side to img_size, center crop img_size (crop_pct 1.0)."""
+    mode = transforms.InterpolationMode(interpolation)
+    return transforms.Compose([transforms.Resize(img_size, interpolation=mode), transforms.CenterCrop(img_size),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def transform_from_config(data_cfg: Any, img_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                          std: Sequence[float] = IMAGENET_STD) -> transforms.Compose:
+    """pretraining_transform with the augmentation fields of the data config section."""
+    return pretraining_transform(img_size, crop_scale=tuple(data_cfg.crop_scale), hflip=bool(data_cfg.hflip),
+                                 grayscale_p=float(data_cfg.grayscale_p), blur_p=float(data_cfg.blur_p),
+                                 blur_radius=tuple(data_cfg.blur_radius), color_jitter=float(data_cfg.color_jitter),
+                                 mean=mean, std=std)
+
+
+# ------------------------------------------------------------------------------------------------- datasets
+class ImageFolderDataset(Dataset):
+    """ImageNet-style class folders (labels = sorted folder names) or a flat folder of images (label -1).
+
+    With class folders, images are found recursively inside each class folder and files lying directly in
+    `root` are ignored. Unreadable images become `UnreadableImage` items.
+    """
+
+    def __init__(self, root: os.PathLike, transform: Optional[Callable] = None,
+                 extensions: Sequence[str] = IMG_EXTENSIONS):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder; pass the folder "
+                                    f"that holds the class subfolders (or the images)")
+        self.transform = transform
+        exts = tuple(e.lower() for e in extensions)
+
+        def images_in(folder: Path, recursive: bool) -> List[Path]:
+            found = folder.rglob("*") if recursive else folder.iterdir()
+            return sorted(p for p in found if p.is_file() and p.suffix.lower() in exts)
+
+        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if class_dirs:
+            self.classes = [d.name for d in class_dirs]
+            self.samples = [(str(p), label) for label, d in enumerate(class_dirs) for p in images_in(d, True)]
+        else:
+            self.classes = []
+            self.samples = [(str(p), -1) for p in images_in(self.root, False)]
+        if not self.samples:
+            raise FileNotFoundError(f"no images ({', '.join(exts)}) found in {self.root}")
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as f:
+                img = f.convert("RGB")  # forces the decode, so truncated files fail here
+        except Exception as e:  # any decode failure: report it, never kill the worker
+            return UnreadableImage(path, f"{type(e).__name__}: {e}")
+        return (self.transform(img) if self.transform is not None else img), label
+
+
+def _digits_arrays(img_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    images = torch.nn.functional.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1).numpy()  # (N, S, S) uint8
+    return images, digits.target.astype(np.int64)
+
+
+def digits_split_indices() -> Tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices into load_digits(): stratified, seed DIGITS_SPLIT_SEED, 1,297 / 500."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    labels = load_digits().target
+    train, heldout = train_test_split(np.arange(len(labels)), test_size=DIGITS_HELDOUT, stratify=labels,
+                                      random_state=DIGITS_SPLIT_SEED)
+    return np.sort(train), np.sort(heldout)
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits (bundled with scikit-learn, no network), upsampled bilinearly from
+    8x8 to img_size x img_size, as 3-channel images. `split` is "train" (1,297) or "heldout" (500).
+
+    Without a transform, items are normalised tensors (3, S, S) computed once; with one, the transform gets a
+    PIL RGB image (so the pretraining augmentations apply unchanged). `pixels` holds the grey values in [0, 1].
+    """
+
+    def __init__(self, split: str = "train", transform: Optional[Callable] = None, img_size: int = 32,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"digits split must be 'train' or 'heldout', got {split!r}")
+        images, labels = _digits_arrays(img_size)
+        train, heldout = digits_split_indices()
+        index = train if split == "train" else heldout
+        self.split, self.transform = split, transform
+        self.images = images[index]  # (N, S, S) uint8
+        self.labels = torch.from_numpy(labels[index])
+        self.classes = [str(i) for i in range(DIGITS_NUM_CLASSES)]
+        self.pixels = torch.from_numpy(self.images).float().div(255).unsqueeze(1)  # (N, 1, S, S) in [0, 1]
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.tensors = (self.pixels.expand(-1, 3, -1, -1) - mean_t) / std_t
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        label = int(self.labels[index])
+        if self.transform is None:
+            return self.tensors[index], label
+        return self.transform(Image.fromarray(self.images[index]).convert("RGB")), label
+
+
+class SyntheticDataset(Dataset):
+    """Random normal images, the same for an index on every call (seeded by seed + index); for benchmarks and
+    tests. Labels cycle through num_classes."""
+
+    def __init__(self, size: int, img_size: int = 224, num_classes: int = 10, seed: int = 0, channels: int = 3):
+        self.size, self.img_size, self.num_classes, self.seed, self.channels = int(size), img_size, num_classes, seed, channels
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.randn(self.channels, self.img_size, self.img_size, generator=g), index % self.num_classes
+
+
+DATASETS = ("folder", "digits", "synthetic")
+
+
+def _folder_split(root: Path, train: bool) -> Path:
+    """An ImageNet root holding train/ and val/ resolves to the split; any other folder is used as is."""
+    sub = root / ("train" if train else "val")
+    return sub if sub.is_dir() else root
+
+
+def build_pretraining_dataset(data_cfg: Any, img_size: int, train: bool = True, *,
+                              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Dataset:
+    """The dataset named by data_cfg.dataset. train=True applies the pretraining augmentations of the config;
+    train=False gives the evaluation split and preprocessing (folder: val/, digits: held-out)."""
+    name = data_cfg.dataset
+    if name == "folder":
+        if not data_cfg.root:
+            raise ValueError("data.dataset=folder needs data.root: an image folder (class subfolders or images), "
+                             "or an ImageNet root holding train/ and val/")
+        root = _folder_split(Path(data_cfg.root).expanduser(), train)
+        tf = transform_from_config(data_cfg, img_size, mean, std) if train else eval_transform(img_size, mean, std)
+        return ImageFolderDataset(root, transform=tf)
+    if name == "digits":
+        tf = transform_from_config(data_cfg, img_size, mean, std) if train else None
+        return DigitsDataset("train" if train else "heldout", transform=tf, img_size=img_size, mean=mean, std=std)
+    if name == "synthetic":
+        return SyntheticDataset(data_cfg.synthetic_size, img_size=img_size, seed=0 if train else 1)
+    raise ValueError(f"unknown data.dataset {name!r}; valid values are {', '.join(DATASETS)}")
