@@ -1,0 +1,186 @@
+"""Convert an official StoP training checkpoint (or an exported state dict) into a timm model folder.
+
+The folder holds `model.safetensors` (the timm state dict of the chosen encoder) and `config.json` in timm's
+Hub format, so `timm.create_model("local-dir:DIR")` and, once uploaded, `timm.create_model("hf-hub:ORG/NAME")`
+load it, as does `pretrained_cfg_overlay=dict(file=DIR)`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+from . import manifest
+from .checkpoints import SAFETENSORS_NAME, CheckpointError, encoder_state_dict, load_file, resolve_weight_file, sha256_file
+
+PathLike = Union[str, Path]
+CONFIG_NAME = "config.json"
+ENCODER_CHOICES = {"target": "target_encoder", "context": "encoder",
+                   "target_encoder": "target_encoder", "encoder": "encoder"}
+# Where the weights came from is not part of an export's config: timm must load the folder's own files.
+_SOURCE_CFG_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "custom_load", "source", "state_dict", "tag",
+                    "architecture")
+
+
+@dataclass(frozen=True)
+class InferredArchitecture:
+    """What the encoder weights' shapes say about the architecture (heads are not visible in shapes)."""
+    embed_dim: int
+    depth: int
+    patch_size: int
+    mlp_ratio: float
+    img_size: Optional[int]  # from the official position embedding; exported files do not store it
+
+    def describe(self) -> str:
+        size = f", img_size {self.img_size}" if self.img_size else ""
+        return f"embed_dim {self.embed_dim}, depth {self.depth}, patch {self.patch_size}, mlp_ratio {self.mlp_ratio:g}{size}"
+
+
+def encoder_key(encoder: str) -> str:
+    """'target' / 'context' (or the checkpoint keys themselves) -> 'target_encoder' / 'encoder'."""
+    if encoder not in ENCODER_CHOICES:
+        raise ValueError(f"encoder must be 'target' (the EMA target encoder the paper evaluates) or 'context', "
+                         f"got {encoder!r}")
+    return ENCODER_CHOICES[encoder]
+
+
+def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> InferredArchitecture:
+    """Read embed_dim, depth, patch size, MLP ratio (and the training image size) off the encoder's tensors."""
+    proj = state_dict.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 4:
+        raise CheckpointError(f"no ViT encoder found: 'patch_embed.proj.weight' is missing; the weights hold "
+                              f"{sorted(state_dict)[:8]}")
+    embed_dim, patch_size = int(proj.shape[0]), int(proj.shape[-1])
+    block_ids = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    depth = max(block_ids) + 1 if block_ids else 0
+    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    mlp_ratio = float(fc1.shape[0]) / embed_dim if fc1 is not None else 0.0
+    img_size = None
+    pos_embed = state_dict.get("pos_embed")
+    if pos_embed is not None and pos_embed.ndim == 3:
+        grid = math.isqrt(int(pos_embed.shape[1]))
+        if grid * grid == pos_embed.shape[1]:
+            img_size = grid * patch_size
+    return InferredArchitecture(embed_dim, depth, patch_size, mlp_ratio, img_size)
+
+
+def match_model_name(arch: InferredArchitecture) -> str:
+    """The manifest model whose architecture has these shapes; CheckpointError naming what was found otherwise."""
+    found = []
+    for name in manifest.model_names():
+        spec = manifest.model_entry(name)["architecture"]
+        if (spec["embed_dim"], spec["depth"], spec["patch_size"], float(spec["mlp_ratio"])) != \
+                (arch.embed_dim, arch.depth, arch.patch_size, arch.mlp_ratio):
+            continue
+        if arch.img_size is not None and spec["img_size"] != arch.img_size:
+            continue
+        found.append(name)
+    if not found:
+        known = "; ".join(f"{n} ({a['embed_dim']}/{a['depth']}/p{a['patch_size']}/{a['img_size']}px)"
+                          for n in manifest.model_names() for a in [manifest.model_entry(n)["architecture"]])
+        raise CheckpointError(f"no FlexPredict model has the architecture of these weights ({arch.describe()}). "
+                              f"Known (embed/depth/patch/size): {known}. Pass --model NAME to choose one explicitly.")
+    return found[0]
+
+
+def export_config(model: torch.nn.Module, model_name: str, encoder: str) -> Dict[str, Any]:
+    """config.json in timm's Hub format; the pretrained cfg of the manifest tag for this encoder, sources removed."""
+    tags = [e for e in manifest.weight_entries(model_name) if e.encoder == encoder]
+    cfg = dict(model.pretrained_cfg)
+    if tags:
+        from timm.models import get_pretrained_cfg
+        tagged = get_pretrained_cfg(f"{model_name}.{tags[0].tag}")
+        cfg = tagged.to_dict() if tagged is not None else cfg
+    pretrained_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()
+                      if k not in _SOURCE_CFG_KEYS and v is not None}
+    pretrained_cfg["notes"] = [f"encoder={encoder}"]
+    pretrained_cfg["num_classes"] = 0
+    return {"architecture": model_name, "num_classes": 0, "num_features": int(model.num_features),
+            "global_pool": "avg", "pretrained_cfg": pretrained_cfg}
+
+
+def _write_atomically(out_dir: Path, files: Dict[str, Any], overwrite: bool) -> None:
+    """Write into a temporary folder beside `out_dir`, then move into place: a failure leaves no partial output."""
+    existing = [name for name in files if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds {existing}; choose another --out folder or overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+            return
+        if not out_dir.is_dir():
+            raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+        for name in files:  # weights first, config last: a config never points at missing weights
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_checkpoint(checkpoint: Union[PathLike, Mapping[str, Any]], out_dir: PathLike,
+                       model_name: Optional[str] = None, encoder: str = "target", overwrite: bool = False) -> Path:
+    """Write `model.safetensors` and `config.json` for one encoder of `checkpoint` into `out_dir`; return out_dir.
+
+    `checkpoint` is an official StoP training checkpoint, an exported safetensors file or converted folder, or
+    an in-memory state dict. The architecture is inferred from the tensor shapes unless `model_name` is given;
+    the weights are validated by loading them into the timm model through `checkpoint_filter_fn`.
+    """
+    import timm
+    from safetensors.torch import save_file
+    from .vision_transformer import checkpoint_filter_fn
+
+    key = encoder_key(encoder)
+    if isinstance(checkpoint, Mapping):
+        raw, source_name, source_sha = checkpoint, "<state dict>", ""
+    else:
+        path = resolve_weight_file(checkpoint)
+        raw, source_name, source_sha = load_file(path), path.name, sha256_file(path)
+    state_dict = encoder_state_dict(raw, key)
+    if model_name is None:
+        model_name = match_model_name(infer_architecture(state_dict))
+    manifest.model_entry(model_name)  # an unknown name fails here, with close matches
+    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", "architecture": model_name, "encoder": key, "source_file": source_name,
+                "source_sha256": source_sha}
+    config = export_config(model, model_name, key)
+
+    out_dir = Path(out_dir).expanduser()
+    _write_atomically(out_dir, {
+        SAFETENSORS_NAME: lambda p: save_file(tensors, str(p), metadata=metadata),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
+    }, overwrite)
+    return out_dir
+
+
+def read_export(folder: PathLike) -> tuple:
+    """(config dict, safetensors metadata dict) of a folder written by `convert_checkpoint`."""
+    from safetensors import safe_open
+
+    folder = Path(folder).expanduser()
+    weights, config = folder / SAFETENSORS_NAME, folder / CONFIG_NAME
+    for needed in (weights, config):
+        if not needed.is_file():
+            raise CheckpointError(f"{folder} is not a converted model folder: {needed.name} is missing "
+                                  f"(write one with `flexpredict-zoo convert CHECKPOINT --out {folder}`)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); convert the checkpoint again") from e
+    try:
+        return json.loads(config.read_text()), metadata
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config} is not valid JSON ({e}); convert the checkpoint again") from e
