@@ -1,0 +1,95 @@
+"""Training logs: the progress line (through `logging`), RUN_DIR/log.csv, and TensorBoard when installed."""
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+LOGGER_NAME = "flexpredict_zoo.train"
+logger = logging.getLogger(LOGGER_NAME)
+
+CSV_FIELDS = ("iteration", "epoch", "loss", "loss_last", "lr", "weight_decay", "momentum", "images_per_second",
+              "memory_gb", "elapsed_s")
+
+
+def setup_logging(run_dir: Optional[Path], is_main: bool, rank: int = 0) -> logging.Logger:
+    """Rank 0 logs INFO to stderr and RUN_DIR/train.log; other ranks only warnings, tagged with their rank."""
+    log = logging.getLogger(LOGGER_NAME)
+    for handler in list(log.handlers):
+        if getattr(handler, "_flexpredict", False):
+            log.removeHandler(handler)
+            handler.close()
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if is_main and run_dir is not None:
+        handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        handler._flexpredict = True
+        log.addHandler(handler)
+    return log
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on GPUs, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2**30 if sys.platform == "darwin" else 2**20)
+    except ImportError:  # Windows
+        return float("nan")
+
+
+def format_progress(row: Dict[str, Any], total: int) -> str:
+    return (f"iter {row['iteration']}/{total} epoch {row['epoch']} loss {row['loss']:.5f} lr {row['lr']:.3e} "
+            f"wd {row['weight_decay']:.4f} momentum {row['momentum']:.6f} images/s {row['images_per_second']:.1f} "
+            f"mem {row['memory_gb']:.2f} GB")
+
+
+class MetricsLog:
+    """Appends one row per progress line to log.csv (kept across resumes) and mirrors it to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "log.csv"
+        self._file = None
+        self._writer = None
+        self._tb = None
+        if not enabled:
+            return
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=CSV_FIELDS)
+        if new:
+            self._writer.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is an optional extra
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, row: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._writer.writerow({k: row.get(k) for k in CSV_FIELDS})
+        self._file.flush()
+        if self._tb is not None:
+            for key in ("loss", "lr", "weight_decay", "momentum", "images_per_second", "memory_gb"):
+                self._tb.add_scalar(f"train/{key}", row[key], row["iteration"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
