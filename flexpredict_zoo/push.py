@@ -1,0 +1,55 @@
+"""Upload a folder written by `flexpredict-zoo convert` to the Hugging Face Hub, with a generated model card."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .checkpoints import SAFETENSORS_NAME, CheckpointError
+from .convert import CONFIG_NAME, read_export
+from .model_card import render_hub_card
+
+README_NAME = "README.md"
+UPLOADED_FILES = (SAFETENSORS_NAME, CONFIG_NAME, README_NAME)
+
+
+def write_hub_card(folder: Union[str, Path], repo_id: str) -> Path:
+    """(Re)write README.md in `folder` from its config.json and safetensors metadata; return its path."""
+    folder = Path(folder).expanduser()
+    config, metadata = read_export(folder)
+    if not str(config.get("architecture", "")).startswith("flexpredict_"):
+        raise CheckpointError(f"{folder / CONFIG_NAME} describes {config.get('architecture')!r}, not a FlexPredict "
+                              f"model; push folders written by `flexpredict-zoo convert`")
+    card = folder / README_NAME
+    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(render_hub_card(config, metadata, repo_id))
+        os.replace(tmp, card)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return card
+
+
+def push_to_hub(folder: Union[str, Path], repo_id: str, private: bool = False, revision: Optional[str] = None,
+                commit_message: str = "Add FlexPredict backbone (flexpredict-zoo convert)",
+                token: Optional[str] = None) -> Any:
+    """Create `repo_id` if needed and upload model.safetensors, config.json and a generated README.md.
+
+    Afterwards `timm.create_model("hf-hub:" + repo_id, pretrained=True)` loads the model (with flexpredict_zoo
+    imported). Returns huggingface_hub's commit info.
+    """
+    from huggingface_hub import HfApi
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo_id must look like ORG/NAME, got {repo_id!r}")
+    folder = Path(folder).expanduser()
+    write_hub_card(folder, repo_id)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=list(UPLOADED_FILES),
+                             commit_message=commit_message, revision=revision, repo_type="model")
