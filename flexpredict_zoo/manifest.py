@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 MANIFEST_NAME = "weights_manifest.json"
+_MODEL_KEYS = {"description", "architecture", "data", "pretraining", "reference_results", "weights"}
 _ARCH_KEYS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"}
+_DATA_KEYS = {"input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"}
 _WEIGHT_KEYS = {"tag", "encoder", "description", "source", "sha256", "license", "notes", "training", "evaluation"}
 _SOURCE_KEYS = {"hf_hub_id", "hf_hub_filename", "revision", "package_file"}
 
@@ -58,9 +60,13 @@ def validate(manifest: Dict[str, Any]) -> Dict[str, Any]:
     if manifest.get("format_version") != 1:
         raise ManifestError(f"unsupported manifest format_version {manifest.get('format_version')!r}; expected 1")
     for name, entry in manifest["models"].items():
+        _check_keys(f"model {name}", entry, _MODEL_KEYS)  # a misspelt 'weights' would silently drop the weights
         arch = entry.get("architecture")
         if not arch or set(arch) != _ARCH_KEYS:
             raise ManifestError(f"model {name}: 'architecture' must have exactly the keys {sorted(_ARCH_KEYS)}")
+        _check_keys(f"model {name} data", entry.get("data") or {}, _DATA_KEYS)
+        if set(entry.get("data") or {}) != _DATA_KEYS:
+            raise ManifestError(f"model {name}: 'data' must have exactly the keys {sorted(_DATA_KEYS)}")
         tags = set()
         for weights in entry.get("weights", []):
             _check_keys(f"model {name} weights", weights, _WEIGHT_KEYS)
