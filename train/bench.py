@@ -1,0 +1,260 @@
+"""`flexpredict-train bench`: time the StoP train step and count its FLOPs.
+
+    flexpredict-train bench --config vit_b16 --batch-size 128 --steps 50            # GPU: compiled, bf16
+    flexpredict-train bench --config tiny_cpu --steps 3 --no-compile --json         # CPU smoke run
+
+The model, predictor, optimizer, schedules and the step itself are engine.Trainer's (the code that trains), built
+on a synthetic dataset in a throwaway run folder. With `--data synthetic` the images are random tensors already
+on the device and the masks come from the real multi-block collator, sampled beforehand (a pool of `--mask-sets`
+batches, cycled), so the figure is the step alone. With `--data FOLDER` each timed step also loads its batch:
+the CPU DataLoader path (`--decode cpu`, the official PIL augmentations) or the GPU decode path (`--decode gpu`).
+
+Model FLOPs are counted with torch.utils.flop_counter.FlopCounterMode over eager steps on 2 images with each
+pool's masks, forward and backward, activation checkpointing off (model FLOPs, no recompute), then scaled to the
+batch (every operation of the step is per image). MFU = model FLOP/s / --peak-tflops (989: H100 bf16 dense).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+__all__ = ["add_arguments", "run", "benchmark", "count_step_flops", "format_result"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", required=True, help="config file or packaged name (vit_b16, tiny_cpu, ...)")
+    parser.add_argument("overrides", nargs="*", default=[], help="config overrides key.sub=value")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: data.batch_size)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--data", default="synthetic", help="'synthetic' (images on the device) or an image FOLDER")
+    parser.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                        help="with --data FOLDER: CPU workers with PIL augmentations, or workers reading bytes and "
+                             "the device decoding and augmenting (gpu_data.py)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: data.num_workers)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the encoders and predictor (default: on for CUDA, off for CPU)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="Dynamo backend (inductor; aot_eager for a quick CPU check of the compiled path)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on GPUs that have it, fp32 on CPU) | bf16 | fp16 | fp32")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="activation checkpointing in the encoders and predictor (for ViT-H memory)")
+    parser.add_argument("--mask-sets", type=int, default=4, help="distinct mask batches cycled through")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                        help="the device's dense peak for MFU (989 = H100 SXM bf16)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return parser
+
+
+def _build_trainer(args: argparse.Namespace, run_dir: str):
+    from .config import load_config
+    from .engine import Trainer
+
+    cfg = load_config(args.config, list(args.overrides))
+    batch = args.batch_size or cfg.data.batch_size
+    cfg.data.batch_size = batch
+    cfg.run.output_dir = run_dir
+    cfg.run.resume = False
+    cfg.run.init_from = None
+    cfg.run.compile = False  # compiled below through a counting backend
+    cfg.run.device = args.device
+    cfg.run.precision = args.precision
+    cfg.run.max_steps = None
+    cfg.model.grad_checkpointing = bool(args.grad_checkpointing)
+    if args.workers is not None:
+        cfg.data.num_workers = args.workers
+    if args.data == "synthetic":
+        cfg.data.dataset = "synthetic"
+        cfg.data.synthetic_size = batch  # never read in the timed loop; just enough to build the Trainer
+        cfg.data.num_workers = 0
+    else:
+        cfg.data.dataset, cfg.data.root = "folder", args.data
+    cfg.optim.iterations_per_epoch = None
+    trainer = Trainer(cfg)
+    if args.grad_checkpointing:
+        trainer.predictor.set_grad_checkpointing(True)
+    return cfg, trainer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_step_flops(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor], List[torch.Tensor]]],
+                     images: torch.Tensor, sample: int = 2) -> float:
+    """Mean model FLOPs per image of one train step (forward + backward of every network, no recompute), counted
+    on eager steps of `sample` images with each mask set's first rows; every operation is per image, so FLOPs
+    scale exactly with the batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    encoder_ckpt = trainer.encoder.grad_checkpointing
+    predictor_ckpt = getattr(trainer.predictor, "grad_checkpointing", False)
+    trainer.encoder.set_grad_checkpointing(False)
+    trainer.predictor.set_grad_checkpointing(False)
+    total = 0.0
+    try:
+        for context_masks, target_masks in mask_sets:
+            with FlopCounterMode(display=False) as counter:
+                trainer.train_step(images[:sample], [m[:sample] for m in context_masks],
+                                   [m[:sample] for m in target_masks], trainer.iteration)
+            total += counter.get_total_flops() / sample
+    finally:
+        trainer.encoder.set_grad_checkpointing(encoder_ckpt)
+        trainer.predictor.set_grad_checkpointing(predictor_ckpt)
+    return total / len(mask_sets)
+
+
+def _peak_memory(device: torch.device) -> Tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"  # ru_maxrss: KiB
+
+
+def _synthetic_batches(trainer: Any, batch: int, sets: int):
+    device = trainer.device
+    images = torch.randn(batch, 3, trainer.cfg.model.img_size, trainer.cfg.model.img_size, device=device)
+    pool = []
+    for _ in range(sets):
+        context_masks, target_masks = trainer.mask_collator.sample(batch)
+        pool.append(([m.to(device) for m in context_masks], [m.to(device) for m in target_masks]))
+    return images, pool
+
+
+def _folder_batches(trainer: Any, args: argparse.Namespace):
+    """An endless iterator of (images, context_masks, target_masks) on the device, from the folder."""
+    cfg = trainer.cfg
+    if args.decode == "gpu":
+        from .gpu_data import GpuAugment, build_gpu_loader
+        loader = build_gpu_loader(cfg.data.root, cfg.data.batch_size, GpuAugment.from_data_config(cfg.data, cfg.model.img_size),
+                                  trainer.device, mask_collator=trainer.mask_collator,
+                                  num_workers=cfg.data.num_workers)
+        while True:
+            for images, _, context_masks, target_masks in loader:
+                yield images, context_masks, target_masks
+    else:
+        loader = trainer._loader(0, 0)
+        while True:
+            for collated, context_masks, target_masks, bad, _ in loader:
+                if collated is None:
+                    continue
+                images = collated[0] if isinstance(collated, (list, tuple)) else collated
+                yield trainer._to_device(images, context_masks, target_masks)
+
+
+def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
+    from .compile import CompileCounter, compile_trainer, dynamo_stats, reset_compiler
+
+    with tempfile.TemporaryDirectory(prefix="flexpredict-bench-") as run_dir:
+        cfg, trainer = _build_trainer(args, run_dir)
+        device = trainer.device
+        use_compile = args.compile if args.compile is not None else device.type == "cuda"
+        batch = cfg.data.batch_size
+        images, pool = _synthetic_batches(trainer, batch, max(1, args.mask_sets))
+        flops_per_image = count_step_flops(trainer, pool, images)
+
+        counter = None
+        if use_compile:
+            reset_compiler()
+            counter = compile_trainer(trainer, CompileCounter(args.compile_backend))
+        source = None if args.data == "synthetic" else _folder_batches(trainer, args)
+
+        def step(i: int):
+            if source is None:
+                context_masks, target_masks = pool[i % len(pool)]
+                return trainer.train_step(images, context_masks, target_masks, i)
+            batch_images, context_masks, target_masks = next(source)
+            return trainer.train_step(batch_images, context_masks, target_masks, i)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for i in range(args.warmup):
+            loss = step(i)
+        _sync(device)
+        warmup_s = time.perf_counter() - start
+        if counter is not None:
+            counter.mark_warm()
+        losses = []
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        start = time.perf_counter()
+        for i in range(args.warmup, args.warmup + args.steps):
+            losses.append(step(i))
+        if device.type == "cuda":
+            end.record()
+            torch.cuda.synchronize(device)
+            elapsed = begin.elapsed_time(end) / 1000.0
+        else:
+            elapsed = time.perf_counter() - start
+        last_loss = float(torch.stack(losses).float()[-1]) if losses else float("nan")
+        memory, memory_kind = _peak_memory(device)
+        images_per_second = batch * args.steps / elapsed
+        tflops = flops_per_image * images_per_second / 1e12
+        stats = dynamo_stats() if use_compile else {}
+        return {
+            "config": str(args.config), "model": cfg.model.name, "predictor_depth": cfg.predictor.depth,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": trainer.precision, "compile": bool(use_compile),
+            "grad_checkpointing": bool(args.grad_checkpointing), "data": args.data if args.data == "synthetic"
+            else f"folder ({args.decode} decode)", "batch_size": batch, "steps": args.steps, "warmup": args.warmup,
+            "images_per_second": images_per_second, "step_ms": 1000 * elapsed / args.steps,
+            "gflop_per_image": flops_per_image / 1e9, "model_tflops": tflops,
+            "mfu": tflops / args.peak_tflops, "peak_tflops": args.peak_tflops,
+            "peak_memory_gb": memory, "memory_kind": memory_kind, "warmup_s": warmup_s,
+            "compiles": counter.compiles if counter else 0, "recompiles": counter.recompiles if counter else 0,
+            "graph_breaks": stats.get("graph_breaks", 0), "last_loss": last_loss,
+        }
+
+
+def format_result(result: Dict[str, Any]) -> str:
+    rows = [
+        ("model", f"{result['model']} (predictor depth {result['predictor_depth']})"),
+        ("device", f"{result['device']}, {result['precision']}, compile {'on' if result['compile'] else 'off'}"
+                   f"{', activation checkpointing' if result['grad_checkpointing'] else ''}"),
+        ("data", result["data"]),
+        ("batch / steps", f"{result['batch_size']} / {result['steps']} (after {result['warmup']} warm-up, "
+                          f"{result['warmup_s']:.1f} s)"),
+        ("images/s", f"{result['images_per_second']:,.1f} ({result['step_ms']:.1f} ms/step)"),
+        ("model FLOPs", f"{result['gflop_per_image']:.2f} GFLOP/image"),
+        ("model TFLOP/s", f"{result['model_tflops']:.3f}"),
+        ("MFU", f"{100 * result['mfu']:.2f}% of {result['peak_tflops']:g} TFLOP/s"),
+        ("peak memory", f"{result['peak_memory_gb']:.2f} GiB ({result['memory_kind']})"),
+        ("compiles / recompiles", f"{result['compiles']} / {result['recompiles']} "
+                                  f"(graph breaks {result['graph_breaks']})"),
+        ("last loss", f"{result['last_loss']:.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("bench: --steps must be >= 1 and --warmup >= 0")
+    if args.data != "synthetic" and not os.path.isdir(args.data):
+        raise SystemExit(f"bench: --data {args.data!r} is neither 'synthetic' nor an existing image folder")
+    result = benchmark(args)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="flexpredict-train bench", description=__doc__.split("\n")[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

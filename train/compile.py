@@ -1,0 +1,142 @@
+"""torch.compile for the train step, with compile and recompile counts.
+
+The number of kept tokens changes from batch to batch (the mask collator draws one context size and one target
+size per batch), so a compiled encoder or predictor would by default specialise on the first batch's lengths and
+recompile for the next ones. `compile_module` marks the token dimension of the mask tensors (and of any other
+argument named in `dynamic_dims`) dynamic before each call, so one graph serves every length; nothing is padded,
+so no attention masking is needed and the math is unchanged.
+
+`CompileCounter` is a Dynamo backend that wraps the real one (inductor by default) and counts the graphs it is
+asked to compile; graphs compiled after `mark_warm()` (called once the first steps ran) are recompilations.
+Only public-ish, long-standing hooks are used (`torch._dynamo.lookup_backend`, `torch._dynamo.maybe_mark_dynamic`,
+`torch._dynamo.utils.counters`), present in torch 2.4 through 2.14.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["CompileCounter", "CompiledCallable", "compile_module", "compile_trainer", "mark_tokens_dynamic", "dynamo_stats",
+           "reset_compiler"]
+
+
+class CompileCounter:
+    """A Dynamo backend that counts graph compilations and hands each graph to `backend`.
+
+    `compiles`: graphs compiled so far (every graph of every frame, including the pieces around graph breaks);
+    `recompiles`: those compiled after `mark_warm()`; `shapes`: the example input shapes of each graph, to say
+    what changed when something recompiled."""
+
+    def __init__(self, backend: Union[str, Callable] = "inductor", mode: Optional[str] = None,
+                 options: Optional[Dict[str, Any]] = None):
+        self.backend = backend
+        self.mode = mode
+        self.options = dict(options or {})
+        self.compiles = 0
+        self.warm_at: Optional[int] = None
+        self.shapes: list = []
+
+    @property
+    def recompiles(self) -> int:
+        return 0 if self.warm_at is None else self.compiles - self.warm_at
+
+    def mark_warm(self) -> None:
+        """From now on every compiled graph counts as a recompilation."""
+        self.warm_at = self.compiles
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+        self.compiles += 1
+        self.shapes.append([tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                            for x in example_inputs])
+        if callable(self.backend):
+            return self.backend(gm, example_inputs)
+        if self.backend == "inductor" and (self.mode or self.options):
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
+            patches = dict(list_mode_options(self.mode) if self.mode else {}, **self.options)
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
+
+    def summary(self) -> Dict[str, int]:
+        return {"compiles": self.compiles, "recompiles": self.recompiles}
+
+
+def mark_tokens_dynamic(value: Any, dim: int = 1) -> None:
+    """Mark dimension `dim` of a tensor (or of every tensor in a list/tuple) as dynamic for the next compiled call.
+    `maybe_mark_dynamic`: if the code does specialise on the length, Dynamo recompiles instead of raising."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > dim:
+            torch._dynamo.maybe_mark_dynamic(value, dim)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            mark_tokens_dynamic(item, dim)
+
+
+class CompiledCallable:
+    """A compiled module plus the eager one; marks the token dimensions dynamic before each call.
+
+    `dynamic_dims` maps a positional index or keyword name to the dimension to mark: for the context encoder
+    `forward(images, masks)` that is {1: 1} (masks (B, K)); for the predictor `forward(context_tokens,
+    context_masks, target_masks, noise)` it is {0: 1, 1: 1, 2: 1, "noise": 1}."""
+
+    def __init__(self, module: nn.Module, compiled: Callable, dynamic_dims: Dict[Union[int, str], int]):
+        self.module = module
+        self.compiled = compiled
+        self.dynamic_dims = dict(dynamic_dims)
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        for key, dim in self.dynamic_dims.items():
+            if isinstance(key, int) and key < len(args):
+                mark_tokens_dynamic(args[key], dim)
+            elif isinstance(key, str) and kwargs.get(key) is not None:
+                mark_tokens_dynamic(kwargs[key], dim)
+        return self.compiled(*args, **kwargs)
+
+    # the rest of the trainer treats it as the module (parameters, train/eval, state dicts)
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
+def compile_module(module: nn.Module, counter: Optional[CompileCounter] = None,
+                   dynamic_dims: Optional[Dict[Union[int, str], int]] = None, fullgraph: bool = False
+                   ) -> CompiledCallable:
+    """torch.compile(module) through `counter` (a CompileCounter, created if None), with token dims marked dynamic.
+    dynamic=None keeps Dynamo's automatic dynamic shapes for anything not marked (e.g. a batch that lost an
+    unreadable image recompiles once with a dynamic batch, then never again)."""
+    counter = counter if counter is not None else CompileCounter()
+    compiled = torch.compile(module, backend=counter, dynamic=None, fullgraph=fullgraph)
+    return CompiledCallable(module, compiled, dynamic_dims or {})
+
+
+def dynamo_stats() -> Dict[str, int]:
+    """Dynamo's own counters: unique graphs, graph breaks (by reason, summed), frames that recompiled."""
+    from torch._dynamo.utils import counters
+    return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "calls_captured": int(counters["stats"].get("calls_captured", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def reset_compiler() -> None:
+    """Forget compiled code and counters (between independent benchmarks in one process)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+
+
+def compile_trainer(trainer: Any, counter: Optional[CompileCounter] = None) -> CompileCounter:
+    """Compile the three networks of an engine.Trainer's step in place, through one CompileCounter.
+
+    context encoder `forward(images, masks)`: masks' token dim dynamic; predictor `forward(context_tokens,
+    context_masks, target_masks, noise=None)`: every token dim dynamic; target encoder: its full-token
+    `forward_masked(images, None)` (static shapes). Build the Trainer with run.compile=false, then call this."""
+    counter = counter if counter is not None else CompileCounter()
+    trainer.context_model = compile_module(trainer.context_model, counter, {1: 1})
+    trainer.predictor_model = compile_module(trainer.predictor_model, counter, {0: 1, 1: 1, 2: 1, "noise": 1})
+    target = trainer.target_encoder
+    if "forward_masked" not in target.__dict__:
+        # engine.compute_targets calls target_encoder.forward_masked(images, None): shadow the bound method on this
+        # instance with its compiled version (parameters are read at call time, so the EMA updates are seen).
+        target.forward_masked = torch.compile(target.forward_masked, backend=counter, dynamic=None)
+    return counter
