@@ -51,12 +51,22 @@ def _reference(checkpoint, img_size=224, encoder="target_encoder"):
     return ReferenceEncoder.from_official(checkpoint[1][encoder], num_heads=HEADS, img_size=img_size)
 
 
+@pytest.fixture(scope="module")
+def model224(checkpoint):
+    return _pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ref224(checkpoint):
+    return _reference(checkpoint)
+
+
 # ---------------------------------------------------------------------------------------------------- parity
 
 
 @torch.no_grad()
-def test_parity_224_pooled_and_every_token(checkpoint):
-    model, ref = _pretrained(checkpoint), _reference(checkpoint)
+def test_parity_224_pooled_and_every_token(checkpoint, model224, ref224):
+    model, ref = model224, ref224
     x = _images(2, 3, 224, 224)
     tokens, ref_tokens = model.forward_features(x), ref.forward_tokens(x)
     assert tokens.shape == ref_tokens.shape == (2, 196, 192)
@@ -115,8 +125,8 @@ def test_parity_b16_pooled(tmp_path):
 
 
 @torch.no_grad()
-def test_forward_masked_matches_forward_features_and_reference(checkpoint):
-    model, ref = _pretrained(checkpoint), _reference(checkpoint)
+def test_forward_masked_matches_forward_features_and_reference(model224, ref224):
+    model, ref = model224, ref224
     x = _images(2, 3, 224, 224, seed=5)
     every = torch.arange(196).expand(2, -1)
     assert (model.forward_masked(x, every) - model.forward_features(x)).abs().max() < TOL
@@ -186,8 +196,8 @@ def test_forward_shapes_head_and_reset_classifier():
         assert classifier(x).shape == (2, 64)
 
 
-def test_num_classes_loads_backbone_with_fresh_head(checkpoint):
-    model, ref = _pretrained(checkpoint, num_classes=10), _reference(checkpoint)
+def test_num_classes_loads_backbone_with_fresh_head(checkpoint, ref224):
+    model, ref = _pretrained(checkpoint, num_classes=10), ref224
     x = _images(1, 3, 224, 224)
     with torch.no_grad():
         assert model(x).shape == (1, 10)
@@ -271,8 +281,8 @@ def test_grad_checkpointing_same_outputs_and_grads(masked):
 def _compiler_missing() -> str:
     if not hasattr(torch, "compile"):
         return "torch.compile is not available in this torch"
-    if not any(shutil.which(cc) for cc in ("cc", "gcc", "g++", "clang", "c++")):
-        return "no C/C++ compiler on PATH: torch.compile's CPU backend (inductor) needs one"
+    if not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++")):
+        return "no C++ compiler on PATH: torch.compile's CPU backend (inductor) needs one"
     return ""
 
 
