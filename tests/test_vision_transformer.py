@@ -110,18 +110,20 @@ def test_parity_dynamic_img_size_non_square(checkpoint):
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_parity_b16_pooled(tmp_path):
+def test_parity_b16(tmp_path):
     state = official_encoder_state(embed_dim=768, depth=12, num_heads=12, generator=torch.Generator().manual_seed(3))
     path = tmp_path / "vit-b16-encoder.pth"
     torch.save({"target_encoder": {f"module.{k}": v for k, v in state.items()}}, path)
     model = timm.create_model("flexpredict_vit_b16", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
     ref = ReferenceEncoder.from_official(state, num_heads=12)
     x = _images(2, 3, 224, 224, seed=4)
-    pooled = model(x)
-    assert pooled.shape == (2, 768)
-    err = (pooled - ref(x)).abs().max().item()
-    _report("b16 224 pooled", err)
-    assert err < TOL
+    tokens, ref_tokens = model.forward_features(x), ref.forward_tokens(x)
+    pooled = model.forward_head(tokens)
+    assert tokens.shape == (2, 196, 768) and pooled.shape == (2, 768)
+    err_tokens, err_pooled = (tokens - ref_tokens).abs().max().item(), (pooled - ref_tokens.mean(1)).abs().max().item()
+    _report("b16 224 tokens", err_tokens)
+    _report("b16 224 pooled", err_pooled)
+    assert err_tokens < TOL and err_pooled < TOL
 
 
 @torch.no_grad()
