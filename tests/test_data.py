@@ -133,7 +133,7 @@ def test_digits_split_sizes_determinism_and_stratification():
     assert len(train) == 1297 and len(heldout) == 500
     tr_idx, ho_idx = data.digits_split_indices()
     assert len(set(tr_idx) & set(ho_idx)) == 0 and len(tr_idx) + len(ho_idx) == 1797
-    again = data.digits_split_indices()
+    again = data.digits_split_indices.__wrapped__()  # recomputed, not the cached arrays
     assert np.array_equal(again[0], tr_idx) and np.array_equal(again[1], ho_idx)
     counts = np.bincount(heldout.labels.numpy(), minlength=10)
     assert counts.min() >= 48 and counts.max() <= 51  # stratified: 10% of each class
@@ -151,6 +151,7 @@ def test_digits_values_and_shapes():
     # the 8x8 original is recovered by averaging 4x4 blocks, to within the bilinear smoothing
     from sklearn.datasets import load_digits
     original = load_digits().images[data.digits_split_indices()[1][0]] / 16.0
+    assert np.allclose(ds.originals[0].numpy(), original) and ds.originals.shape == (500, 8, 8)
     pooled = torch.nn.functional.avg_pool2d(ds.pixels[:1], 4)[0, 0].numpy()
     assert np.corrcoef(original.ravel(), pooled.ravel())[0, 1] > 0.95
 

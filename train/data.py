@@ -7,6 +7,7 @@ the collate step separates them with `filter_unreadable` and the trainer counts 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -146,20 +147,26 @@ class ImageFolderDataset(Dataset):
         return (self.transform(img) if self.transform is not None else img), label
 
 
-def _digits_arrays(img_size: int) -> Tuple[np.ndarray, np.ndarray]:
+@lru_cache(maxsize=1)
+def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (N, 8, 8) float32 grey values in [0, 1] and (N,) int64 labels (read once)."""
     from sklearn.datasets import load_digits
     digits = load_digits()
-    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
+@lru_cache(maxsize=2)
+def _digits_upsampled(img_size: int) -> np.ndarray:
+    images = torch.from_numpy(_load_digits()[0]).unsqueeze(1)  # (N, 1, 8, 8)
     images = torch.nn.functional.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1).numpy()  # (N, S, S) uint8
-    return images, digits.target.astype(np.int64)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1).numpy()  # (N, S, S) uint8
 
 
+@lru_cache(maxsize=1)
 def digits_split_indices() -> Tuple[np.ndarray, np.ndarray]:
     """(train, held-out) indices into load_digits(): stratified, seed DIGITS_SPLIT_SEED, 1,297 / 500."""
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    labels = load_digits().target
+    labels = _load_digits()[1]
     train, heldout = train_test_split(np.arange(len(labels)), test_size=DIGITS_HELDOUT, stratify=labels,
                                       random_state=DIGITS_SPLIT_SEED)
     return np.sort(train), np.sort(heldout)
@@ -170,18 +177,19 @@ class DigitsDataset(Dataset):
     8x8 to img_size x img_size, as 3-channel images. `split` is "train" (1,297) or "heldout" (500).
 
     Without a transform, items are normalised tensors (3, S, S) computed once; with one, the transform gets a
-    PIL RGB image (so the pretraining augmentations apply unchanged). `pixels` holds the grey values in [0, 1].
+    PIL RGB image (so the pretraining augmentations apply unchanged). `pixels` holds the upsampled grey values
+    in [0, 1], `originals` the 8x8 ones.
     """
 
     def __init__(self, split: str = "train", transform: Optional[Callable] = None, img_size: int = 32,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         if split not in ("train", "heldout"):
             raise ValueError(f"digits split must be 'train' or 'heldout', got {split!r}")
-        images, labels = _digits_arrays(img_size)
-        train, heldout = digits_split_indices()
-        index = train if split == "train" else heldout
+        originals, labels = _load_digits()
+        index = digits_split_indices()[0 if split == "train" else 1]
         self.split, self.transform = split, transform
-        self.images = images[index]  # (N, S, S) uint8
+        self.originals = torch.from_numpy(originals[index])  # (N, 8, 8) in [0, 1], as scikit-learn gives them / 16
+        self.images = _digits_upsampled(img_size)[index]  # (N, S, S) uint8
         self.labels = torch.from_numpy(labels[index])
         self.classes = [str(i) for i in range(DIGITS_NUM_CLASSES)]
         self.pixels = torch.from_numpy(self.images).float().div(255).unsqueeze(1)  # (N, 1, S, S) in [0, 1]

@@ -1,0 +1,134 @@
+"""train/evaluate.py: feature extraction, k-NN / linear / few-shot classifiers, the eval CLI."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import flexpredict_zoo  # noqa: F401  (registers the models)
+from flexpredict_zoo.train import evaluate
+from flexpredict_zoo.train.data import ImageFolderDataset, SyntheticDataset
+from flexpredict_zoo.train.evaluate import extract, few_shot_top1, knn_top1, linear_top1, pooled_features
+
+TINY = dict(embed_dim=32, depth=4, num_heads=2)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("flexpredict_vit_m4_32", pretrained=False, **TINY).eval()
+
+
+def clusters(n_per_class=40, classes=5, dim=16, spread=0.3, seed=0):
+    """Well separated Gaussian clusters: (features, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 3
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[labels] + spread * torch.randn(len(labels), dim, generator=g), labels
+
+
+@pytest.fixture(scope="module")
+def separable():
+    """Training points and evaluation points around the same centres, with independent noise."""
+    train_x, train_y = clusters(seed=0)
+    g = torch.Generator().manual_seed(123)
+    test_x = train_x + 0.3 * torch.randn(train_x.shape, generator=g)
+    return train_x, train_y, test_x, train_y.clone()
+
+
+def test_classifiers_on_separable_features_reach_100_percent(separable):
+    tx, ty, vx, vy = separable
+    assert knn_top1(tx, ty, vx, vy) == 100.0
+    assert linear_top1(tx, ty, vx, vy) == 100.0
+    mean, std = few_shot_top1(tx, ty, vx, vy, shots=2, draws=3, return_std=True)
+    assert mean >= 99.0 and std < 1.0
+
+
+def test_classifiers_on_random_labels_are_near_chance():
+    g = torch.Generator().manual_seed(0)
+    tx, vx = torch.randn(1000, 16, generator=g), torch.randn(1000, 16, generator=g)
+    ty, vy = torch.randint(0, 5, (1000,), generator=g), torch.randint(0, 5, (1000,), generator=g)
+    for score in (knn_top1(tx, ty, vx, vy), linear_top1(tx, ty, vx, vy), few_shot_top1(tx, ty, vx, vy, draws=3)):
+        assert 14.0 < score < 26.0  # chance is 20%; 1,000 test points give a standard error of about 1.3%
+
+
+def test_knn_weighting_and_k():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    query = torch.tensor([[1.0, 0.05]])
+    # k=5: three class-1 neighbours outvoted by two much closer class-0 ones (exp(sim / 0.07) weights)
+    assert knn_top1(train, labels, query, torch.tensor([0]), k=5) == 100.0
+    # a high temperature makes the vote a plain count: 3 against 2
+    assert knn_top1(train, labels, query, torch.tensor([1]), k=5, temperature=100.0) == 100.0
+    # k larger than the training set is clipped
+    assert knn_top1(train, labels, query, torch.tensor([0]), k=50) == 100.0
+
+
+def test_few_shot_uses_the_requested_number_of_examples(monkeypatch):
+    seen = []
+    real = evaluate.linear_top1
+    monkeypatch.setattr(evaluate, "linear_top1",
+                        lambda x, y, *a, **k: seen.append((torch.as_tensor(x), torch.as_tensor(y))) or real(x, y, *a, **k))
+    tx, ty = clusters(seed=0)
+    few_shot_top1(tx, ty, tx, ty, shots=3, draws=4)
+    assert len(seen) == 4 and all(torch.bincount(y).tolist() == [3] * 5 for _, y in seen)
+    assert not torch.equal(seen[0][0], seen[1][0])  # each draw picks other examples
+    with pytest.raises(ValueError, match="fewer than shots"):
+        few_shot_top1(tx, ty, tx, ty, shots=41)
+
+
+def test_pooled_features_last_and_last4_match_the_model():
+    model = tiny_model()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        last = pooled_features(model, x, "last")
+        last4 = pooled_features(model, x, "last4")
+        tokens = model.forward_features(x)
+        # by hand: run the blocks, final-norm every one of the last 4 outputs, mean over tokens
+        h = model._pos_embed(model.patch_embed(x))
+        by_hand = []
+        for block in model.blocks:
+            h = block(h)
+            by_hand.append(model.norm(h).mean(1))
+    assert last.shape == (3, 32) and last4.shape == (3, 128)
+    assert torch.allclose(last, tokens.mean(1), atol=1e-6)
+    assert torch.allclose(last4, torch.cat(by_hand[-4:], 1), atol=1e-5)
+    assert torch.allclose(last4[:, -32:], last, atol=1e-5)  # the last of the four is the last layer
+    with pytest.raises(ValueError, match="last4"):
+        pooled_features(model, x, "all")
+
+
+def test_extract_batches_skips_unreadable_and_keeps_labels(tmp_path):
+    model = tiny_model()
+    ds = SyntheticDataset(10, img_size=32, num_classes=3)
+    feats, labels = extract(model, ds, "last", batch_size=4)
+    assert feats.shape == (10, 32) and feats.dtype == torch.float32 and labels.tolist() == [i % 3 for i in range(10)]
+    with torch.no_grad():
+        direct = pooled_features(model, torch.stack([ds[i][0] for i in range(10)]), "last")
+    assert torch.allclose(feats, direct, atol=1e-5)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / name / "ok.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"garbage")
+    folder = ImageFolderDataset(tmp_path, transform=evaluate.eval_transform(32))
+    feats, labels = extract(model, folder, "last4", batch_size=2)
+    assert feats.shape == (2, 128) and labels.tolist() == [0, 1]
+
+
+def test_eval_cli_on_digits_with_a_run_checkpoint(tmp_path, capsys):
+    from test_export import write_run  # a tiny flexpredict-train run folder
+    run_dir = write_run(tmp_path / "run", TINY)
+    parser = evaluate.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["knn", "--checkpoint", str(run_dir), "--data", "digits", "--layers", "last4"])
+    assert evaluate.run(args) == 0
+    out = capsys.readouterr().out
+    top1 = float(out.split("top-1: ")[1].split("%")[0])
+    assert "k-NN (k=20" in out and "1297 train / 500 eval" in out and "features 128" in out
+    assert 20.0 < top1 <= 100.0  # a random tiny encoder still clusters digits far above chance (10%)
+
+
+def test_eval_folder_needs_train_and_val(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-dir"):
+        evaluate.eval_datasets(tiny_model(), str(tmp_path))
