@@ -137,7 +137,7 @@ def _plain(value: Any) -> Any:
 
 def _unknown_key(where: str, key: str, valid: Sequence[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = f" Did you mean {', '.join(repr(where + c) for c in close)}?" if close else ""
     return ConfigError(f"unknown config key '{where}{key}'.{hint} Valid keys{' in ' + where.rstrip('.') if where else ''}: "
                        f"{', '.join(valid)}")
 

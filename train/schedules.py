@@ -43,13 +43,13 @@ class Schedule:
         step = self._frozen(iteration) + 1
         if step < self.warmup_steps:
             return self.lr_start + (step / self.warmup_steps) * (self.lr_peak - self.lr_start)
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))  # held past the end
         cosine = self.lr_final + (self.lr_peak - self.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return max(self.lr_final, cosine)
 
     def weight_decay(self, iteration: int) -> float:
         step = self._frozen(iteration) + 1
-        progress = step / max(1, self.total_steps)
+        progress = min(1.0, step / max(1, self.total_steps))
         wd = self.wd_final + (self.wd_start - self.wd_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
         # clamp at the final value, on whichever side it lies (official CosineWDSchedule)
         return max(self.wd_final, wd) if self.wd_final <= self.wd_start else min(self.wd_final, wd)
