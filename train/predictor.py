@@ -124,7 +124,8 @@ class StoPPredictor(nn.Module):
         if ctx_idx.shape != context_tokens.shape[:2]:
             raise ValueError(f"context masks {[tuple(m.shape) for m in context_masks]} do not match context_tokens "
                              f"{tuple(context_tokens.shape)} (rows = len(context_masks) * B, columns = Kc)")
-        if len({tuple(m.shape) for m in target_masks}) != 1:
+        # compare shapes pairwise: hashing them in a set makes torch.compile specialise on every length
+        if any(m.shape != target_masks[0].shape for m in target_masks[1:]):
             raise ValueError(f"all target masks must have the same (B, Kt) shape, got "
                              f"{[tuple(m.shape) for m in target_masks]}")
         n_ctx, n_tgt = len(context_masks), len(target_masks)
