@@ -173,19 +173,42 @@ def test_config_validation():
         MaskConfig(target_scale=(0.3, 0.2))
 
 
+class CollateWithState:
+    """collate_fn returning the mask generator's state right after each batch, as the trainer uses it."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, batch):
+        collated, context_masks, target_masks = self.collator(batch)
+        return collated, context_masks, target_masks, self.collator.state_dict()
+
+
+def mask_key(context_masks, target_masks):
+    return tuple(context_masks[0].flatten().tolist()), tuple(tuple(t.flatten().tolist()) for t in target_masks)
+
+
 def test_collate_through_dataloader_with_two_workers():
     data = TensorDataset(torch.randn(40, 3, 8, 8), torch.arange(40))
     col = MultiBlockMaskCollator(MaskConfig(), seed=11)
-    loader = DataLoader(data, batch_size=4, num_workers=2, collate_fn=col)
-    seen = []
-    for (images, labels), context_masks, target_masks in loader:
+    loader = DataLoader(data, batch_size=4, num_workers=2, collate_fn=CollateWithState(col))
+    seen, states = [], []
+    for (images, labels), context_masks, target_masks, state in loader:
         assert images.shape == (4, 3, 8, 8) and labels.shape == (4,)
-        seen.append((tuple(context_masks[0].flatten().tolist()), tuple(target_masks[0].flatten().tolist())))
+        seen.append(mask_key(context_masks, target_masks))
+        states.append(state["counter"])
     assert len(seen) == 10 and len(set(seen)) == 10  # distinct masks per batch
-    # the counter is shared: workers used counters 0..9 exactly once, and the main process sees 10
+    # The counter is shared: batch i got counter i whichever worker built it, and the main process sees 10.
+    assert states == list(range(1, 11))
     assert col.state_dict()["counter"] == 10
-    expected = set()
-    for counter in range(10):
-        c, t = col._sample(4, counter)
-        expected.add((tuple(c[0].flatten().tolist()), tuple(t[0].flatten().tolist())))
-    assert set(seen) == expected
+    assert seen == [mask_key(*col._sample(4, counter)) for counter in range(10)]
+    # A second pass (a new loader iteration, as the next epoch) continues with counters 10..19.
+    second = [mask_key(c, t) for _, c, t, _ in loader]
+    assert second == [mask_key(*col._sample(4, counter)) for counter in range(10, 20)]
+
+    # Resume after batch 4 of the first pass, with workers: the remaining batches get the same masks.
+    resumed = MultiBlockMaskCollator(MaskConfig(), seed=0)
+    resumed.load_state_dict({"counter": states[3], "seed": 11})
+    rest = DataLoader(torch.utils.data.Subset(data, range(16, 40)), batch_size=4, num_workers=2,
+                      collate_fn=CollateWithState(resumed))
+    assert [mask_key(c, t) for _, c, t, _ in rest] == seen[4:]

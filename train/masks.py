@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate, get_worker_info
 
 __all__ = ["MaskConfig", "MultiBlockMaskCollator", "MaskSamplingError"]
 
@@ -107,8 +107,17 @@ class MultiBlockMaskCollator:
         self.cfg = cfg
         self.seed = int(seed)
         self.height, self.width = cfg.grid_size
-        # Shared with forked/spawned DataLoader workers, so every batch gets its own counter value.
-        self._counter = multiprocessing.Value("q", 0)
+        # Shared with forked/spawned DataLoader workers (the official code shares its counter the same way).
+        # _counter: first unused counter value; _loader_key/_loader_base: which DataLoader iteration the
+        # workers belong to and the counter of its first batch (guarded by _counter's lock).
+        # A spawn-context lock can be handed to fork, spawn and forkserver workers alike (a fork-context one
+        # cannot go to spawn workers).
+        shared = multiprocessing.get_context("spawn")
+        self._counter = shared.Value("q", 0)
+        self._loader_key = shared.RawValue("q", -1)
+        self._loader_base = shared.RawValue("q", 0)
+        self._worker_calls: Tuple[int, int] = (-1, 0)  # per process: (loader key, batches built)
+        self._after_last: Union[int, None] = None  # per process: counter after the last batch built here
         self._check_feasible()
         rows = torch.arange(self.height).repeat_interleave(self.width)
         cols = torch.arange(self.width).repeat(self.height)
@@ -133,21 +142,42 @@ class MultiBlockMaskCollator:
         smallest_context = min(h * w for h, w in (block_size(r, c.context_scale, c.context_aspect, grid) for r in draws))
         for what, n in (("target", smallest_target), ("context", smallest_context)):
             if n < c.min_tokens:
+                largest_ok = n - (c.min_tokens - c.min_keep)
                 raise MaskSamplingError(
                     f"Cannot sample multi-block masks: {what} blocks can have only {n} tokens on the {self._describe()}. "
-                    f"Lower min_keep below {n} (official mode: below {n - 1}) or enlarge the {what} scale or the grid.")
+                    f"Set min_keep to at most {largest_ok}, or enlarge the {what} scale or the grid.")
 
     # ---------------------------------------------------------------- counter
     def _next_counter(self) -> int:
-        with self._counter.get_lock():
-            value = self._counter.value
-            self._counter.value = value + 1
+        """Counter of the next batch.
+
+        In the main process: consecutive values. In a DataLoader worker: batch i of the loader iteration gets
+        base + i whichever worker is faster (map-style loaders hand batch i to worker i % num_workers, and
+        a worker's k-th batch is batch k * num_workers + id), so masks and resume do not depend on timing."""
+        info = get_worker_info()
+        if info is None:
+            with self._counter.get_lock():
+                value = self._counter.value
+                self._counter.value = value + 1
+        else:
+            key = (info.seed - info.id) & ((1 << 63) - 1)  # the iteration's base seed, equal in all its workers
+            with self._counter.get_lock():
+                if self._loader_key.value != key:  # first batch of a new loader iteration, from any worker
+                    self._loader_key.value = key
+                    self._loader_base.value = self._counter.value
+                base = self._loader_base.value
+                calls = self._worker_calls[1] if self._worker_calls[0] == key else 0
+                value = base + calls * info.num_workers + info.id
+                self._worker_calls = (key, calls + 1)
+                self._counter.value = max(self._counter.value, value + 1)
+        self._after_last = value + 1
         return value
 
     def state_dict(self) -> Dict[str, Any]:
-        """Counter of the next batch. With DataLoader workers it counts batches built, prefetched ones included,
-        so a resumed run continues with unused counters; with num_workers=0 it resumes exactly."""
-        return {"counter": int(self._counter.value), "seed": self.seed, "config": asdict(self.cfg)}
+        """State right after the last batch this process built (in a DataLoader worker: that worker's batch,
+        so a collate_fn can hand it to the trainer with the batch); before any, the shared counter."""
+        counter = self._after_last if self._after_last is not None else int(self._counter.value)
+        return {"counter": counter, "seed": self.seed, "config": asdict(self.cfg)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if "counter" not in state:
@@ -155,6 +185,8 @@ class MultiBlockMaskCollator:
         self.seed = int(state.get("seed", self.seed))
         with self._counter.get_lock():
             self._counter.value = int(state["counter"])
+            self._loader_key.value = -1
+        self._worker_calls, self._after_last = (-1, 0), None
 
     # ---------------------------------------------------------------- sampling
     def _placement_range(self, size: int, extent: int) -> int:
