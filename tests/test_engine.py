@@ -115,3 +115,19 @@ def test_unreadable_images_are_skipped_counted_and_limited(tmp_path):
     cfg = tiny(tmp_path / "b", optim={"epochs": 1}, data={"max_unreadable_fraction": 0.1}, run=run)
     with pytest.raises(UnreadableDataError, match=r"2 unreadable images .*max_unreadable_fraction=0.1 of its 16 images"):
         train(cfg, dataset=WithUnreadable(bad=[3, 11]))
+
+
+def test_bf16_autocast_step_on_cpu(tmp_path):
+    trainer = Trainer(tiny(tmp_path, run={"precision": "bf16"}))
+    assert trainer.precision == "bf16" and not trainer.scaler.is_enabled()
+    (images, _), cm, tm = trainer.mask_collator([trainer.dataset[i] for i in range(4)])
+    loss = trainer.train_step(images, cm, tm, iteration=0)
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    assert all(p.dtype == torch.float32 for p in trainer.encoder.parameters())  # autocast, not cast weights
+
+
+def test_workers_and_persistent_loader(tmp_path):
+    cfg = tiny(tmp_path, data={"num_workers": 2, "synthetic_size": 16}, run={"max_steps": 6, "log_every": 3,
+                                                                         "checkpoint_every": 100})
+    summary = train(cfg)  # 4 iterations per epoch: the second epoch reuses the same worker processes
+    assert summary["iterations"] == 6 and all(math.isfinite(v) for v in summary["losses"])

@@ -181,6 +181,7 @@ class Trainer:
         if cfg.run.max_steps is not None:
             self.total_iterations = min(self.total_iterations, cfg.run.max_steps)
 
+        self._data_loader: Optional[DataLoader] = None
         self.iteration = 0
         self.mask_state_after_last_batch = None
         self.unreadable: Dict[str, str] = {}
@@ -214,13 +215,18 @@ class Trainer:
         return MultiBlockMaskCollator(mask_cfg, seed=self.cfg.run.seed + self.env.rank)
 
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        """One DataLoader for the whole run (persistent workers); the sampler is told the epoch and how many of its
+        batches are already done before each pass, in the main process, so the order is the same as without a stop."""
         d = self.cfg.data
         self.sampler.set_epoch(epoch)
         self.sampler.set_start_index(start_batch * d.batch_size)
-        return DataLoader(self.dataset, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.num_workers,
-                          collate_fn=CollateWithUnreadable(self.mask_collator), drop_last=d.drop_last,
-                          pin_memory=d.pin_memory and self.device.type == "cuda",
-                          persistent_workers=False, generator=_loader_generator(self.cfg.run.seed, epoch, self.env.rank))
+        if self._data_loader is None:
+            self._data_loader = DataLoader(
+                self.dataset, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.num_workers,
+                collate_fn=CollateWithUnreadable(self.mask_collator), drop_last=d.drop_last,
+                pin_memory=d.pin_memory and self.device.type == "cuda", persistent_workers=d.num_workers > 0,
+                generator=_loader_generator(self.cfg.run.seed, epoch, self.env.rank))
+        return self._data_loader
 
     # ------------------------------------------------------------------------------------------- step
     def autocast(self):
