@@ -51,17 +51,19 @@ class FlexPredictViT(VisionTransformer):
         super().set_input_size(img_size=img_size, patch_size=patch_size)
         self._set_pos_embed()
 
-    def _grid_pos_embed(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    def _grid_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
         if (rows, cols) == tuple(self.patch_embed.grid_size):
-            return self.pos_embed.to(like.dtype)
-        return sincos_2d(self.embed_dim, (rows, cols), dtype=like.dtype, device=like.device)
+            return self.pos_embed
+        return sincos_2d(self.embed_dim, (rows, cols), dtype=self.pos_embed.dtype, device=self.pos_embed.device)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        # The buffer keeps the model's dtype: under bf16 autocast with fp32 weights, adding it promotes the
+        # residual stream to fp32, as the official encoder (and timm) do.
         if self.dynamic_img_size:  # patch_embed gives NHWC
             B, H, W, C = x.shape
-            x = x.reshape(B, H * W, C) + self._grid_pos_embed(H, W, x)
+            x = x.reshape(B, H * W, C) + self._grid_pos_embed(H, W)
         else:
-            x = x + self.pos_embed.to(x.dtype)
+            x = x + self.pos_embed
         return self.pos_drop(x)
 
     def forward_masked(self, x: torch.Tensor, masks: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None
