@@ -271,6 +271,7 @@ class Trainer:
         self._window_images = 0
         self._last_time = time.perf_counter()
         start_time, start_iteration = self._last_time, self.iteration
+        self._start_time = start_time
         logger.info("training %s on %s (%s, %d process%s), %d iterations/epoch, iterations %d..%d, run dir %s",
                     cfg.model.name, self.device, self.precision, self.env.world_size,
                     "es" if self.env.world_size > 1 else "", ipe, self.iteration, total, self.run_dir)
@@ -354,7 +355,7 @@ class Trainer:
                    loss_last=self._window_values[-1], lr=self.schedule.lr(it), weight_decay=self.schedule.weight_decay(it),
                    momentum=self.schedule.momentum(it),
                    images_per_second=self._window_images * self.env.world_size / max(elapsed, 1e-9),
-                   memory_gb=memory_gb(self.device), elapsed_s=now)
+                   memory_gb=memory_gb(self.device), elapsed_s=now - self._start_time)
         self._window_values.clear()
         self._window_images = 0
         self._last_time = now
