@@ -1,0 +1,136 @@
+"""Data-pipeline throughput: images/s delivered with the official augmentations and the multi-block masks.
+
+    python benchmarks/bench_data.py --workers 16 --batch-size 128 --batches 30            # on the GPU machine
+    python benchmarks/bench_data.py --workers 2 --images 64 --batch-size 16 --size 64 --batches 4   # CPU check
+
+(a) cpu: the training DataLoader path (PIL decode, data.pretraining_transform, engine.CollateWithUnreadable with
+    the mask collator) in N persistent workers;
+(b) gpu: workers read bytes and sample masks, the device decodes (nvJPEG on CUDA) and augments (gpu_data.py).
+Without --folder, synthetic 500x375 JPEGs (textured noise, about 80 KB at quality 90) are written to a temporary
+folder. The first batch (worker start-up) is not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+
+def _write_jpeg(args) -> int:
+    from PIL import Image
+    path, width, height, seed = args
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(height // 6 + 1, width // 6 + 1, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    image = np.clip(image + rng.normal(0, 6, size=image.shape), 0, 255).astype(np.uint8)  # fine grain, like photos
+    Image.fromarray(image).save(path, format="JPEG", quality=90)
+    return os.path.getsize(path)
+
+
+def make_jpegs(folder: Path, count: int, width: int = 500, height: int = 375, processes: int = 8) -> float:
+    """Write `count` synthetic JPEGs into folder/synthetic/ (one class); returns their mean size in KB."""
+    target = folder / "synthetic"
+    target.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(target / f"{i:06d}.jpg"), width, height, i) for i in range(count)]
+    with Pool(max(1, processes)) as pool:
+        sizes = pool.map(_write_jpeg, jobs, chunksize=16)
+    return float(np.mean(sizes)) / 1000
+
+
+def _mask_collator(img_size: int, patch_size: int = 16):
+    from flexpredict_zoo.train.masks import MaskConfig, MultiBlockMaskCollator
+    return MultiBlockMaskCollator(MaskConfig(input_size=img_size, patch_size=patch_size), seed=0)
+
+
+def _timed(iterator, batches: int, device: torch.device) -> Dict[str, float]:
+    """images/s over `batches` batches after the first (untimed: worker start-up)."""
+    count = 0
+    next(iterator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        images = next(iterator)
+        count += images.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    return {"images_per_second": count / elapsed, "images": count, "seconds": elapsed}
+
+
+def _cycle(loader, pick):
+    while True:
+        for batch in loader:
+            yield pick(batch)
+
+
+def bench_cpu_path(root: Path, workers: int, batch_size: int, batches: int, img_size: int = 224) -> Dict[str, float]:
+    from flexpredict_zoo.train.data import ImageFolderDataset, pretraining_transform
+    from flexpredict_zoo.train.engine import CollateWithUnreadable
+    dataset = ImageFolderDataset(root, transform=pretraining_transform(img_size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         collate_fn=CollateWithUnreadable(_mask_collator(img_size)), drop_last=True,
+                                         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    return _timed(_cycle(loader, lambda b: b[0][0]), batches, torch.device("cpu"))
+
+
+def bench_gpu_path(root: Path, workers: int, batch_size: int, batches: int, device: torch.device,
+                   img_size: int = 224) -> Dict[str, float]:
+    from flexpredict_zoo.train.gpu_data import GpuAugment, build_gpu_loader
+    loader = build_gpu_loader(root, batch_size, GpuAugment(img_size=img_size, seed=0), device,
+                              mask_collator=_mask_collator(img_size), num_workers=workers)
+    return _timed(_cycle(loader, lambda b: b[0]), batches, device)
+
+
+def run(args: argparse.Namespace) -> Dict[str, object]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    results: Dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                                  "workers": args.workers, "batch_size": args.batch_size, "cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="flexpredict-jpegs-") as tmp:
+        root = Path(args.folder) if args.folder else Path(tmp)
+        if not args.folder:
+            results["jpeg_kb"] = make_jpegs(root, args.images, processes=min(16, os.cpu_count() or 1))
+            results["images_in_folder"] = args.images
+        paths = ("cpu", "gpu") if args.path == "both" else (args.path,)
+        if "cpu" in paths:
+            results["cpu_path"] = bench_cpu_path(root, args.workers, args.batch_size, args.batches, args.size)
+        if "gpu" in paths:
+            results["gpu_path"] = bench_gpu_path(root, args.workers, args.batch_size, args.batches, device, args.size)
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--folder", default=None, help="image folder (default: synthetic 500x375 JPEGs in a temp dir)")
+    parser.add_argument("--images", type=int, default=2048, help="synthetic JPEGs to write")
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches (after one untimed)")
+    parser.add_argument("--size", type=int, default=224, help="crop size")
+    parser.add_argument("--path", choices=("cpu", "gpu", "both"), default="both")
+    parser.add_argument("--device", default="auto", help="device of the decode path (auto: cuda if present)")
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0])).parse_args(argv)
+    results = run(args)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for key, value in results.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
