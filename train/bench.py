@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="activation checkpointing in the encoders and predictor (for ViT-H memory)")
     parser.add_argument("--mask-sets", type=int, default=4, help="distinct mask batches cycled through")
+    parser.add_argument("--flop-sets", type=int, default=8,
+                        help="mask sets whose FLOPs are counted (their mean per image is used for all steps)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                         help="the device's dense peak for MFU (989 = H100 SXM bf16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -163,7 +165,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         use_compile = args.compile if args.compile is not None else device.type == "cuda"
         batch = cfg.data.batch_size
         images, pool = _synthetic_batches(trainer, batch, max(1, args.mask_sets))
-        flops_per_image = count_step_flops(trainer, pool, images)
+        flops_per_image = count_step_flops(trainer, pool[:max(1, args.flop_sets)], images)
 
         counter = None
         if use_compile:
