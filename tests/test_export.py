@@ -84,6 +84,7 @@ def test_export_round_trip_through_timm(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), reference_encoder(run_dir)(x))
         assert torch.equal(export.load_run_encoder(out)(x), loaded(x))  # config.json model_args rebuild the tiny arch
+        assert torch.equal(export.load_encoder(f"local-dir:{out}")(x), loaded(x))  # timm's own folder loader
     tensors = load_safetensors(str(out / "model.safetensors"))
     assert "pos_embed" not in tensors and set(tensors) == set(reference_encoder(run_dir).state_dict())
 

@@ -94,13 +94,16 @@ def load_exported_encoder(path: PathLike):
 
 
 def load_encoder(spec: str, encoder: str = "target"):
-    """What `--checkpoint` names: an existing path (run folder, checkpoint, export) or a zoo model name."""
+    """What `--checkpoint` names: an existing path (run folder, checkpoint, export), a zoo model name
+    (e.g. flexpredict_vit_b16) or a timm `hf-hub:ORG/NAME` / `local-dir:DIR` export."""
+    import timm
+    import flexpredict_zoo  # noqa: F401  (registers the models)
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        return timm.create_model(spec, pretrained=True).eval()
     if Path(spec).expanduser().exists():
         return load_run_encoder(spec, encoder)
     if "/" in spec or spec.endswith((".pt", ".pth", ".tar", ".safetensors")):
         raise CheckpointError(f"{spec} does not exist; pass a run folder, a checkpoint file or a zoo model name")
-    import timm
-    import flexpredict_zoo  # noqa: F401  (registers the models)
     manifest.model_entry(spec)  # an unknown name fails here with close matches
     return timm.create_model(spec, pretrained=True).eval()
 
