@@ -212,7 +212,8 @@ class SyntheticDataset(Dataset):
     tests. Labels cycle through num_classes."""
 
     def __init__(self, size: int, img_size: int = 224, num_classes: int = 10, seed: int = 0, channels: int = 3):
-        self.size, self.img_size, self.num_classes, self.seed, self.channels = int(size), img_size, num_classes, seed, channels
+        self.size, self.img_size, self.num_classes = int(size), img_size, num_classes
+        self.seed, self.channels = seed, channels
 
     def __len__(self) -> int:
         return self.size

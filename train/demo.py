@@ -130,7 +130,8 @@ def draw_retrievals(panels: Sequence[Tuple[str, torch.Tensor, torch.Tensor]], qu
         y = 28 + row * (tile + 2 * gap)
         canvas.paste(_digit_tile(test_pixels[q], tile), (gap, y))
         for p, (_, train_feats, test_feats) in enumerate(panels):
-            sims = torch.nn.functional.normalize(train_feats, dim=1) @ torch.nn.functional.normalize(test_feats[q], dim=0)
+            normalize = torch.nn.functional.normalize
+            sims = normalize(train_feats, dim=1) @ normalize(test_feats[q], dim=0)
             for j, idx in enumerate(sims.topk(neighbours).indices.tolist()):
                 x = tile + 4 * gap + p * pane + j * (tile + gap)
                 colour = GOOD if int(train_labels[idx]) == int(test_labels[q]) else BAD
@@ -202,7 +203,8 @@ def format_table(record: Dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = ("Frozen-feature top-1 of the tiny FlexPredict ViT pretrained on scikit-learn's digits, "
                           "against random initialisation and raw pixels, plus pictures of its features.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="zoo model with pretrained weights (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="zoo model with pretrained weights (default: %(default)s)")
     parser.add_argument("--checkpoint", help="use this instead: run folder, checkpoint file, exported folder or "
                                              "safetensors file (with --model naming its architecture)")
     parser.add_argument("--out", default="demo_out", help="folder for the pictures and results.json")
@@ -215,7 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    record = run_demo(args.model, args.checkpoint, args.out, args.layers, args.shots, args.draws, args.seed, args.device)
+    record = run_demo(args.model, args.checkpoint, args.out, args.layers, args.shots, args.draws, args.seed,
+                      args.device)
     print(format_table(record))
     print()
     for picture in record["pictures"]:

@@ -14,7 +14,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -204,7 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = "Evaluate frozen pooled features of an encoder: k-NN or linear-probe top-1."
     parser.add_argument("protocol", choices=("knn", "linear", "fewshot"), help="classifier on frozen features")
     parser.add_argument("--checkpoint", required=True,
-                        help="run folder, checkpoint file, exported folder, or zoo model name (e.g. flexpredict_vit_b16)")
+                        help="run folder, checkpoint file, exported folder, or zoo model name "
+                             "(e.g. flexpredict_vit_b16)")
     parser.add_argument("--data", default="digits", help="'digits' (built in) or a folder holding train/ and val/")
     parser.add_argument("--train-dir", help="training images (class folders), instead of DATA/train")
     parser.add_argument("--val-dir", help="evaluation images (class folders), instead of DATA/val")

@@ -199,7 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="target: the EMA target encoder, the one the paper evaluates (default)")
     parser.add_argument("--name", help="TAG or MODEL.TAG of the weights (default: the run folder's name)")
     parser.add_argument("--license", default="apache-2.0", help="license recorded in the manifest entry")
-    parser.add_argument("--recipe", help="config the run used, recorded in the manifest entry (e.g. train/configs/X.yaml)")
+    parser.add_argument("--recipe", help="config the run used, recorded in the manifest entry "
+                                         "(e.g. train/configs/digits_m4_32.yaml)")
     parser.add_argument("--hardware", help="hardware the run used, recorded in the manifest entry (e.g. '1x H100')")
     parser.add_argument("--evaluation", help="JSON file of evaluation results to record (e.g. the demo's results.json)")
     parser.add_argument("--description", help="description recorded in the manifest entry")
