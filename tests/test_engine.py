@@ -40,7 +40,7 @@ def test_one_step_targets_loss_and_exact_ema(tmp_path):
     # targets: layer_norm (no affine) of all target-encoder tokens, gathered per block, block-major
     h = F.layer_norm(trainer.target_encoder.forward_masked(images), (64,))
     expected = torch.cat([torch.stack([h[b, m[b]] for b in range(4)]) for m in target_masks])
-    got = compute_targets(trainer.target_encoder, images, target_masks)
+    got = compute_targets(trainer.target_model, images, target_masks)
     assert got.shape == (4 * len(target_masks), target_masks[0].shape[1], 64)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 

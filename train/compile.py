@@ -130,13 +130,11 @@ def compile_trainer(trainer: Any, counter: Optional[CompileCounter] = None) -> C
 
     context encoder `forward(images, masks)`: masks' token dim dynamic; predictor `forward(context_tokens,
     context_masks, target_masks, noise=None)`: every token dim dynamic; target encoder: its full-token
-    `forward_masked(images, None)` (static shapes). Build the Trainer with run.compile=false, then call this."""
+    forward (`target_model(images, None)`, static shapes). engine.Trainer calls this when run.compile is set."""
     counter = counter if counter is not None else CompileCounter()
     trainer.context_model = compile_module(trainer.context_model, counter, {1: 1})
     trainer.predictor_model = compile_module(trainer.predictor_model, counter, {0: 1, 1: 1, 2: 1, "noise": 1})
-    target = trainer.target_encoder
-    if "forward_masked" not in target.__dict__:
-        # engine.compute_targets calls target_encoder.forward_masked(images, None): shadow the bound method on this
-        # instance with its compiled version (parameters are read at call time, so the EMA updates are seen).
-        target.forward_masked = torch.compile(target.forward_masked, backend=counter, dynamic=None)
+    # engine.compute_targets calls trainer.target_model(images, None): all tokens, static shapes. Parameters are read
+    # at call time, so the EMA updates are seen by the compiled graph.
+    trainer.target_model = torch.compile(trainer.target_model, backend=counter, dynamic=None)
     return counter

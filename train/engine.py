@@ -64,11 +64,12 @@ def repeat_interleave_batch(x: torch.Tensor, batch_size: int, repeat: int) -> to
         .reshape(chunks * repeat * batch_size, *x.shape[1:])
 
 
-def compute_targets(target_encoder: nn.Module, images: torch.Tensor, target_masks: Sequence[torch.Tensor],
+def compute_targets(target_model: nn.Module, images: torch.Tensor, target_masks: Sequence[torch.Tensor],
                     num_context_masks: int = 1) -> torch.Tensor:
-    """layer_norm(target_encoder(all tokens)) without affine, gathered at each target block, target-block-major."""
+    """layer_norm(target encoder(all tokens)) without affine, gathered at each target block, target-block-major.
+    `target_model` is the target encoder wrapped in MaskedEncoder (possibly compiled): (images, None) -> all tokens."""
     with torch.no_grad():
-        h = target_encoder.forward_masked(images, None)
+        h = target_model(images, None)
         h = F.layer_norm(h, (h.shape[-1],))
         h = torch.cat([gather_tokens(h, m) for m in target_masks], dim=0)
         return repeat_interleave_batch(h, images.shape[0], num_context_masks)
@@ -154,9 +155,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.context_model = dist_utils.wrap_ddp(MaskedEncoder(self.encoder), self.env)
         self.predictor_model = dist_utils.wrap_ddp(self.predictor, self.env)
+        self.target_model = MaskedEncoder(self.target_encoder)
+        self.compile_counter = None
         if cfg.run.compile:
-            self.context_model = torch.compile(self.context_model)
-            self.predictor_model = torch.compile(self.predictor_model)
+            # token dims marked dynamic: one graph per network for every mask length (see compile.py)
+            from .compile import compile_trainer
+            self.compile_counter = compile_trainer(self)
         self._online_params = list(self.encoder.parameters())
         self._target_params = list(self.target_encoder.parameters())
         self._trained_params = [p for m in (self.encoder, self.predictor) for p in m.parameters() if p.requires_grad]
@@ -241,7 +245,7 @@ class Trainer:
                             self.schedule.momentum(iteration))
         set_hyperparameters(self.optimizer, lr, wd)
         with self.autocast():
-            targets = compute_targets(self.target_encoder, images, target_masks, len(context_masks))
+            targets = compute_targets(self.target_model, images, target_masks, len(context_masks))
             context = self.context_model(images, context_masks)
             predictions = self.predictor_model(context, context_masks, target_masks)
             loss = F.smooth_l1_loss(predictions.float(), targets.float(), beta=1.0)
