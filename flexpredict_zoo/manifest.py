@@ -165,8 +165,11 @@ def pretrained_cfgs() -> Dict[str, Dict[str, Any]]:
             continue
         for w in weights:
             src = w["source"]
+            pretraining = entry.get("pretraining", {})
             cfg = dict(common, license=w.get("license"), description=f"{entry['description']}; {w['description']}",
-                       notes=(f"encoder={w['encoder']}",))
+                       notes=(f"encoder={w['encoder']}",) + tuple(
+                           f"{key}={pretraining[key]}" for key in ("dataset", "epochs", "noise_std", "predictor_depth")
+                           if key in pretraining))
             if "hf_hub_id" in src:
                 hub_id = src["hf_hub_id"] + (f"@{src['revision']}" if src.get("revision") else "")
                 cfg.update(hf_hub_id=hub_id, hf_hub_filename=src["hf_hub_filename"])
