@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from .masks import MaskConfig as _Masks
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -42,15 +44,15 @@ class PredictorConfig:
 
 @dataclass
 class MaskConfig:
-    """Multi-block mask parameters; input_size and patch_size come from the model, never from here."""
-    num_targets: int = 4
-    target_scale: Tuple[float, float] = (0.15, 0.2)
-    target_aspect: Tuple[float, float] = (0.75, 1.5)
-    context_scale: Tuple[float, float] = (0.85, 1.0)
-    context_aspect: Tuple[float, float] = (1.0, 1.0)
-    min_keep: int = 10
-    allow_overlap: bool = False
-    mode: str = "corrected"  # "official" keeps the official sampler's last-row/column exclusion
+    """Multi-block mask parameters (defaults: masks.MaskConfig's); input_size and patch_size come from the model."""
+    num_targets: int = _Masks.num_targets
+    target_scale: Tuple[float, float] = _Masks.target_scale
+    target_aspect: Tuple[float, float] = _Masks.target_aspect
+    context_scale: Tuple[float, float] = _Masks.context_scale
+    context_aspect: Tuple[float, float] = _Masks.context_aspect
+    min_keep: int = _Masks.min_keep
+    allow_overlap: bool = _Masks.allow_overlap
+    mode: str = _Masks.mode  # "official" keeps the official sampler's last-row/column exclusion
     max_tries: Optional[int] = None  # None: the mask collator's own bound (never hangs)
     relax_every: Optional[int] = None  # None: the mask collator's default
 
