@@ -88,12 +88,42 @@ def _model_section(name: str, entry: Mapping[str, Any]) -> List[str]:
                 "`pretrained_cfg_overlay=dict(file=PATH)`.", "",
                 "```python", "import timm, flexpredict_zoo", "",
                 f'model = timm.create_model("{name}", pretrained=False)', "```", ""]
+    for w in weights:
+        out += _trained_here(name, w)
     recipe = entry.get("pretraining")
     if recipe:
         out += [f"Pretraining: {recipe['dataset']}, {recipe['epochs']} epochs, positional noise std (sigma) "
                 f"{recipe['noise_std']:g}, predictor depth {recipe['predictor_depth']} at width "
                 f"{recipe['predictor_embed_dim']}. Reproduce with "
                 f"`flexpredict-train --config {recipe['recipe']}`.", ""]
+    return out
+
+
+REPRESENTATION_LABELS = {"pretrained": "FlexPredict (pretrained)", "random_init": "same encoder, random init",
+                         "pixels": "raw pixels"}
+
+
+def _trained_here(name: str, weights: Mapping[str, Any]) -> List[str]:
+    """How weights made by this package were trained and what they measured (manifest `training`/`evaluation`)."""
+    out: List[str] = []
+    training = weights.get("training")
+    if training:
+        out += [f"`{name}.{weights['tag']}` was trained by `flexpredict-train` with `{training['recipe']}` on "
+                f"{training['dataset']}: {training['iterations']} iterations ({training['epochs']} epochs), batch "
+                f"{training['batch_size']}, seed {training['seed']}, {training['wall_time_min']:.0f} minutes on "
+                f"{training['hardware']}, final loss {training['final_loss']:.4f}. Reproduce: "
+                f"`{training['command']}`.", ""]
+    evaluation = weights.get("evaluation")
+    if evaluation:
+        out += [f"Measured by this package ({evaluation['protocol']}; `{evaluation['command']}`), top-1 in percent, "
+                f"one training run per seed; the shipped weights are seed {evaluation['shipped_seed']}:", "",
+                "| seed | representation | k-NN | linear | 5-shot |", "|---|---|---|---|---|"]
+        for seed, results in evaluation["seeds"].items():
+            for key, label in REPRESENTATION_LABELS.items():
+                r = results[key]
+                out.append(f"| {seed} | {label} | {r['knn_top1']:.1f} | {r['linear_top1']:.1f} | "
+                           f"{r['few_shot_top1']:.1f} |")
+        out.append("")
     return out
 
 
@@ -113,8 +143,9 @@ def render_model_card(manifest: Optional[Mapping[str, Any]] = None) -> str:
         "masked tokens through Gaussian noise. The backbones below are the encoders; the predictor is only used in "
         "pretraining.", "",
         "## Intended use and license", "",
-        "Frozen or fine-tuned image features (linear probing, retrieval, dense tasks) for research. Released "
-        f"weights: {', '.join(licenses) or NOT_RECORDED} (non-commercial), as the official release. The default "
+        "Frozen or fine-tuned image features (linear probing, retrieval, dense tasks) for research. Licenses of "
+        f"the weights: {', '.join(licenses) or NOT_RECORDED} (each tag's license is in its table below; the "
+        "ImageNet weights released with the paper are non-commercial, as the official release). The default "
         "tag of each model is the EMA `target_encoder`, the encoder the paper evaluates; the `_context` tag is the "
         "context (online) encoder.", "",
         "## Reference results", "",

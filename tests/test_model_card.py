@@ -62,3 +62,23 @@ def test_hub_card():
     assert text.startswith("---\nlicense: cc-by-nc-4.0\nlibrary_name: timm\n")
     assert 'timm.create_model("hf-hub:me/flexpredict-b16", pretrained=True)' in text
     assert "cd" * 32 in text and "2308.00566" in text and "`target_encoder`" in text
+
+
+def test_card_renders_training_and_per_seed_evaluation_of_weights_made_here():
+    manifest = copy.deepcopy(load_manifest())
+    result = {"knn_top1": 61.25, "linear_top1": 93.0, "few_shot_top1": 60.0}
+    manifest["models"]["flexpredict_vit_m4_32"]["weights"] = [{
+        "tag": "demo", "encoder": "target_encoder", "description": "test weights",
+        "source": {"package_file": "weights/x.safetensors"}, "sha256": "ab" * 32, "license": "apache-2.0",
+        "training": {"recipe": "train/configs/digits_m4_32.yaml", "dataset": "digits", "iterations": 1500,
+                     "epochs": 75, "batch_size": 64, "seed": 0, "wall_time_min": 17.4, "hardware": "a CPU",
+                     "final_loss": 0.02329, "command": "flexpredict-train --config digits_m4_32"},
+        "evaluation": {"protocol": "held-out digits", "command": "flexpredict-train demo", "shipped_seed": 0,
+                       "seeds": {"0": {"pretrained": result, "random_init": dict(result, knn_top1=50.0),
+                                       "pixels": dict(result, knn_top1=97.8)}}},
+    }]
+    card = render_model_card(manifest)
+    assert "1500 iterations (75 epochs), batch 64, seed 0, 17 minutes on a CPU, final loss 0.0233" in card
+    assert "| 0 | FlexPredict (pretrained) | 61.2 | 93.0 | 60.0 |" in card
+    assert "| 0 | same encoder, random init | 50.0 | 93.0 | 60.0 |" in card
+    assert "| 0 | raw pixels | 97.8 | 93.0 | 60.0 |" in card
