@@ -54,10 +54,14 @@ def test_pretrained_cfgs_come_from_the_manifest(model):
     for w in weights:
         cfg = cfgs[f"{model}.{w['tag']}"].to_dict()
         src = w["source"]
-        revision = f"@{src['revision']}" if src.get("revision") else ""
-        assert cfg["hf_hub_id"] == src["hf_hub_id"] + revision
-        assert cfg["hf_hub_filename"] == src["hf_hub_filename"]
-        assert cfg["license"] == w["license"] == "cc-by-nc-4.0"
+        if "package_file" in src:  # weights shipped inside the package (the embedded demo model)
+            assert Path(cfg["file"]) == manifest.manifest_path().parent / src["package_file"]
+            assert Path(cfg["file"]).is_file() and cfg["license"] == w["license"]
+        else:
+            revision = f"@{src['revision']}" if src.get("revision") else ""
+            assert cfg["hf_hub_id"] == src["hf_hub_id"] + revision
+            assert cfg["hf_hub_filename"] == src["hf_hub_filename"]
+            assert cfg["license"] == w["license"] == "cc-by-nc-4.0"
         pretraining = MODELS[model]["pretraining"]
         assert cfg["notes"] == (f"encoder={w['encoder']}", f"dataset={pretraining['dataset']}",
                                 f"epochs={pretraining['epochs']}", f"noise_std={pretraining['noise_std']}",
