@@ -102,9 +102,10 @@ def test_export_round_trip_through_timm(tmp_path):
                                  "final_loss": pytest.approx(0.0421), "batch_size_per_process": 64, "noise_std": 0.25,
                                  "predictor_depth": 3, "seed": 0, "hardware": "1x H100"}
     assert entry["evaluation"] == evaluation
-    # the entry is valid in the manifest as it stands
+    # the entry is valid in the manifest as it stands (replacing a shipped entry of the same tag, if any)
     data = copy.deepcopy(manifest.load_manifest())
-    data["models"][MODEL]["weights"].append(entry)
+    weights = data["models"][MODEL]["weights"]
+    weights[:] = [w for w in weights if w["tag"] != entry["tag"]] + [entry]
     manifest.validate(data)
 
 
