@@ -107,16 +107,20 @@ def export_config(model: torch.nn.Module, model_name: str, encoder: str) -> Dict
             "global_pool": "avg", "pretrained_cfg": pretrained_cfg}
 
 
-def _write_atomically(out_dir: Path, files: Dict[str, Any], overwrite: bool) -> None:
+def write_folder_atomically(out_dir: Path, files: Dict[str, Any], overwrite: bool) -> None:
     """Write into a temporary folder beside `out_dir`, then move into place: a failure leaves no partial output."""
     existing = [name for name in files if (out_dir / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {existing}; choose another --out folder or overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary, shareable folder
     try:
         for name, write in files.items():
             write(tmp / name)
+            os.chmod(tmp / name, 0o666 & ~umask)  # safetensors writes 0600 files
         if not out_dir.exists():
             os.replace(tmp, out_dir)
             return
@@ -158,7 +162,7 @@ def convert_checkpoint(checkpoint: Union[PathLike, Mapping[str, Any]], out_dir: 
     config = export_config(model, model_name, key)
 
     out_dir = Path(out_dir).expanduser()
-    _write_atomically(out_dir, {
+    write_folder_atomically(out_dir, {
         SAFETENSORS_NAME: lambda p: save_file(tensors, str(p), metadata=metadata),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
     }, overwrite)

@@ -18,7 +18,7 @@ import torch
 
 from flexpredict_zoo import manifest
 from flexpredict_zoo.checkpoints import SAFETENSORS_NAME, CheckpointError, load_file, sha256_file
-from flexpredict_zoo.convert import CONFIG_NAME, _write_atomically, encoder_key, export_config
+from flexpredict_zoo.convert import CONFIG_NAME, write_folder_atomically, encoder_key, export_config
 
 PathLike = Union[str, Path]
 LATEST = Path("checkpoints") / "latest.pt"
@@ -182,7 +182,7 @@ def export_run(run: PathLike, out_dir: PathLike, encoder: str = "target", name: 
         path.write_text(json.dumps({"model": model_name, "model_args": model_args, "entry": entry}, indent=2) + "\n")
 
     out_dir = Path(out_dir).expanduser()
-    _write_atomically(out_dir, {
+    write_folder_atomically(out_dir, {
         SAFETENSORS_NAME: lambda p: save_file(tensors, str(p), metadata=metadata),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
         ENTRY_NAME: write_entry,
