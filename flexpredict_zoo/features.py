@@ -354,6 +354,9 @@ def save_features(result: FeatureResult, path: PathLike, metadata: Optional[Mapp
     os.close(handle)
     try:
         save_file(tensors, temp, metadata=header)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp and safetensors make the file private; the output is ordinary
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

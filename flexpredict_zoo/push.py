@@ -26,6 +26,9 @@ def write_hub_card(folder: Union[str, Path], repo_id: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(render_hub_card(config, metadata, repo_id))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the card is an ordinary file
         os.replace(tmp, card)
     finally:
         if os.path.exists(tmp):
