@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -19,6 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 
 from . import manifest
+from .atomic_write import write_folder_atomically
 from .checkpoints import SAFETENSORS_NAME, CheckpointError, encoder_state_dict, load_file, resolve_weight_file, sha256_file
 
 PathLike = Union[str, Path]
@@ -105,31 +103,6 @@ def export_config(model: torch.nn.Module, model_name: str, encoder: str) -> Dict
     pretrained_cfg["num_classes"] = 0
     return {"architecture": model_name, "num_classes": 0, "num_features": int(model.num_features),
             "global_pool": "avg", "pretrained_cfg": pretrained_cfg}
-
-
-def write_folder_atomically(out_dir: Path, files: Dict[str, Any], overwrite: bool) -> None:
-    """Write into a temporary folder beside `out_dir`, then move into place: a failure leaves no partial output."""
-    existing = [name for name in files if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds {existing}; choose another --out folder or overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary, shareable folder
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-            os.chmod(tmp / name, 0o666 & ~umask)  # safetensors writes 0600 files
-        if not out_dir.exists():
-            os.replace(tmp, out_dir)
-            return
-        if not out_dir.is_dir():
-            raise NotADirectoryError(f"{out_dir} exists and is not a folder")
-        for name in files:  # weights first, config last: a config never points at missing weights
-            os.replace(tmp / name, out_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert_checkpoint(checkpoint: Union[PathLike, Mapping[str, Any]], out_dir: PathLike,

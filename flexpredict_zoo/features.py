@@ -17,13 +17,14 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from .atomic_write import write_file_atomically
 
 __all__ = ["FeatureResult", "extract_features", "save_features", "load_features", "find_images",
            "add_extract_arguments", "run_extract", "IMAGE_EXTENSIONS"]
@@ -349,19 +350,7 @@ def save_features(result: FeatureResult, path: PathLike, metadata: Optional[Mapp
         "dtype": result.dtype or "", "layers": json.dumps(sorted(result.intermediates or {})), **_versions()})
     for key, value in (metadata or {}).items():
         header[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=header)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp and safetensors make the file private; the output is ordinary
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file_atomically(path, lambda temp: save_file(tensors, str(temp), metadata=header))
 
 
 def load_features(path: PathLike) -> FeatureResult:

@@ -1,11 +1,10 @@
 """Upload a folder written by `flexpredict-zoo convert` to the Hugging Face Hub, with a generated model card."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .atomic_write import write_file_atomically
 from .checkpoints import SAFETENSORS_NAME, CheckpointError
 from .convert import CONFIG_NAME, read_export
 from .model_card import render_hub_card
@@ -21,19 +20,8 @@ def write_hub_card(folder: Union[str, Path], repo_id: str) -> Path:
     if not str(config.get("architecture", "")).startswith("flexpredict_"):
         raise CheckpointError(f"{folder / CONFIG_NAME} describes {config.get('architecture')!r}, not a FlexPredict "
                               f"model; push folders written by `flexpredict-zoo convert`")
-    card = folder / README_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(render_hub_card(config, metadata, repo_id))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the card is an ordinary file
-        os.replace(tmp, card)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return card
+    text = render_hub_card(config, metadata, repo_id)
+    return write_file_atomically(folder / README_NAME, lambda temp: temp.write_text(text))
 
 
 def push_to_hub(folder: Union[str, Path], repo_id: str, private: bool = False, revision: Optional[str] = None,

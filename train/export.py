@@ -18,7 +18,8 @@ import torch
 
 from flexpredict_zoo import manifest
 from flexpredict_zoo.checkpoints import SAFETENSORS_NAME, CheckpointError, load_file, sha256_file
-from flexpredict_zoo.convert import CONFIG_NAME, write_folder_atomically, encoder_key, export_config
+from flexpredict_zoo.atomic_write import write_folder_atomically
+from flexpredict_zoo.convert import CONFIG_NAME, encoder_key, export_config
 
 PathLike = Union[str, Path]
 LATEST = Path("checkpoints") / "latest.pt"
