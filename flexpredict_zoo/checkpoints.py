@@ -107,24 +107,29 @@ def is_training_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
     return any(key in checkpoint and isinstance(checkpoint[key], Mapping) for key in ENCODER_KEYS)
 
 
-def encoder_state_dict(checkpoint: Mapping[str, Any], encoder: str = "target_encoder") -> Dict[str, Any]:
-    """The encoder weights (without 'module.') of an official training checkpoint, or a plain state dict as is."""
+def encoder_state_dict(checkpoint: Mapping[str, Any], encoder: str = "target_encoder",
+                       source: Optional[PathLike] = None) -> Dict[str, Any]:
+    """The encoder weights (without 'module.') of an official training checkpoint, or a plain state dict as is.
+    `source` (the file the checkpoint came from) is named in errors."""
     if encoder not in ENCODER_KEYS:
         raise ValueError(f"encoder must be one of {ENCODER_KEYS}, got {encoder!r}")
+    what = f"{source}" if source is not None else "the checkpoint"
     if is_training_checkpoint(checkpoint):
         if encoder not in checkpoint:
-            raise CheckpointError(f"the checkpoint has no {encoder!r} entry; it has {sorted(checkpoint)}")
+            raise CheckpointError(f"{what} has no {encoder!r} entry; it has {sorted(checkpoint)}")
         return strip_prefix(checkpoint[encoder])
     tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(f"no encoder weights found: the file holds {sorted(checkpoint)[:10]}, neither a FlexPredict "
-                              f"training checkpoint (with {ENCODER_KEYS}) nor a state dict of tensors")
+        raise CheckpointError(f"no encoder weights found in {what}: it holds {sorted(checkpoint)[:10]}, neither a "
+                              f"FlexPredict training checkpoint (with {ENCODER_KEYS}) nor a state dict of tensors")
     return strip_prefix(tensors)
 
 
 def check_fits(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-               optional_prefixes: tuple = ("head.",), what: str = "the model") -> None:
-    """Raise CheckpointMismatchError naming the keys and shapes that differ between weights and architecture."""
+               optional_prefixes: tuple = ("head.",), what: str = "the model",
+               source: Optional[PathLike] = None) -> None:
+    """Raise CheckpointMismatchError naming the keys and shapes that differ between weights and architecture, and
+    `source`, the file the weights came from."""
     missing = [k for k in expected if k not in state_dict and not k.startswith(optional_prefixes)]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -137,5 +142,5 @@ def check_fits(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, to
             shown = "\n    ".join(items[:8]) + (f"\n    ... and {len(items) - 8} more" if len(items) > 8 else "")
             lines.append(f"  {len(items)} {title}:\n    {shown}")
     raise CheckpointMismatchError(
-        f"these weights do not fit {what}:\n" + "\n".join(lines) +
+        f"the weights {f'in {source} ' if source is not None else ''}do not fit {what}:\n" + "\n".join(lines) +
         "\nCheck that the file is for this architecture (e.g. vit-l16 weights need flexpredict_vit_l16).")

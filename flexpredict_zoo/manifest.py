@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 MANIFEST_NAME = "weights_manifest.json"
 _MODEL_KEYS = {"description", "architecture", "data", "pretraining", "reference_results", "weights"}
@@ -18,6 +18,31 @@ _ARCH_KEYS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_
 _DATA_KEYS = {"input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"}
 _WEIGHT_KEYS = {"tag", "encoder", "description", "source", "sha256", "license", "notes", "training", "evaluation"}
 _SOURCE_KEYS = {"hf_hub_id", "hf_hub_filename", "revision", "package_file"}
+_NUMBER = (int, float)
+_TYPE_NAMES = {(str,): "a string", (int,): "a non-negative integer", _NUMBER: "a non-negative number",
+               (dict,): "an object"}
+# A weight entry's "training": how weights made by flexpredict-train were trained. `flexpredict-train export`
+# writes it, `validate` checks it and MODEL_CARD.md renders it. key -> (allowed types, required).
+TRAINING_KEYS: Dict[str, Tuple[tuple, bool]] = {
+    "dataset": ((str,), True),
+    "iterations": ((int,), True),
+    "epochs": (_NUMBER, True),
+    "batch_size": ((int,), True),  # images per optimizer step, all processes together
+    "seed": ((int,), True),
+    "final_loss": (_NUMBER, True),
+    "world_size": ((int,), False),  # processes (GPUs) the run used
+    "noise_std": (_NUMBER, False),
+    "predictor_depth": ((int,), False),
+    "recipe": ((str,), False),  # the config file, e.g. train/configs/digits_m4_32.yaml
+    "command": ((str,), False),  # the command line that reproduces the run
+    "wall_time_min": (_NUMBER, False),
+    "hardware": ((str,), False),
+}
+# A weight entry's "evaluation": frozen-feature top-1 per training seed, as `flexpredict-train demo` measures it.
+EVALUATION_KEYS: Dict[str, Tuple[tuple, bool]] = {
+    "protocol": ((str,), True), "command": ((str,), True), "shipped_seed": ((int,), True), "seeds": ((dict,), True)}
+EVALUATION_REPRESENTATIONS = ("pretrained", "random_init", "pixels")
+EVALUATION_METRICS = ("knn_top1", "linear_top1", "few_shot_top1")
 
 
 class ManifestError(ValueError):
@@ -56,6 +81,42 @@ def _check_keys(where: str, got: Dict[str, Any], allowed: set) -> None:
         raise ManifestError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys are {sorted(allowed)}")
 
 
+def _check_record(where: str, record: Any, keys: Mapping[str, Tuple[tuple, bool]]) -> None:
+    """A record of `keys`: a dict, no unknown key, every required key present, each value of its type."""
+    if not isinstance(record, dict):
+        raise ManifestError(f"{where} must be an object with the keys {sorted(keys)}, got {type(record).__name__}")
+    _check_keys(where, record, set(keys))
+    missing = sorted(k for k, (_, required) in keys.items() if required and k not in record)
+    if missing:
+        raise ManifestError(f"{where}: missing required key(s) {missing}; required keys are "
+                            f"{sorted(k for k, (_, required) in keys.items() if required)}")
+    for key, value in record.items():
+        types = keys[key][0]
+        numeric = isinstance(value, _NUMBER) and not isinstance(value, bool)
+        # bool is an int in Python but never a count; counts, sizes and times are never negative (a loss may be).
+        if isinstance(value, bool) or not isinstance(value, types) or (numeric and value < 0 and key != "final_loss"):
+            raise ManifestError(f"{where}: {key!r} must be {_TYPE_NAMES[types]}, got {value!r}")
+
+
+def validate_training(where: str, record: Any) -> None:
+    """Check a weight entry's "training" record against TRAINING_KEYS."""
+    _check_record(f"{where} training", record, TRAINING_KEYS)
+
+
+def validate_evaluation(where: str, record: Any) -> None:
+    """Check a weight entry's "evaluation": EVALUATION_KEYS, and for every seed each representation's metrics."""
+    where = f"{where} evaluation"
+    _check_record(where, record, EVALUATION_KEYS)
+    if str(record["shipped_seed"]) not in record["seeds"]:
+        raise ManifestError(f"{where}: shipped_seed {record['shipped_seed']} has no results in 'seeds' "
+                            f"(seeds: {sorted(record['seeds'])})")
+    metrics = {m: (_NUMBER, True) for m in EVALUATION_METRICS}
+    for seed, results in record["seeds"].items():
+        _check_record(f"{where} seed {seed}", results, {r: ((dict,), True) for r in EVALUATION_REPRESENTATIONS})
+        for representation, values in results.items():
+            _check_record(f"{where} seed {seed} {representation}", values, metrics)
+
+
 def validate(manifest: Dict[str, Any]) -> Dict[str, Any]:
     if manifest.get("format_version") != 1:
         raise ManifestError(f"unsupported manifest format_version {manifest.get('format_version')!r}; expected 1")
@@ -73,6 +134,11 @@ def validate(manifest: Dict[str, Any]) -> Dict[str, Any]:
             _check_keys(f"model {name} weights source", weights["source"], _SOURCE_KEYS)
             if weights["encoder"] not in ("target_encoder", "encoder"):
                 raise ManifestError(f"model {name}.{weights['tag']}: encoder must be 'target_encoder' or 'encoder'")
+            where = f"model {name}.{weights['tag']}"
+            if "training" in weights:
+                validate_training(where, weights["training"])
+            if "evaluation" in weights:
+                validate_evaluation(where, weights["evaluation"])
             if weights["tag"] in tags:
                 raise ManifestError(f"model {name}: duplicate tag {weights['tag']!r}")
             tags.add(weights["tag"])
@@ -156,7 +222,8 @@ def pretrained_cfgs() -> Dict[str, Dict[str, Any]]:
             num_classes=0, classifier="head", input_size=tuple(data["input_size"]),
             interpolation=data["interpolation"], crop_pct=data["crop_pct"], crop_mode=data["crop_mode"],
             mean=tuple(data["mean"]), std=tuple(data["std"]), first_conv="patch_embed.proj",
-            fixed_input_size=False, paper_name=paper["published_title"], paper_ids=f"arXiv:{paper['arxiv']}",
+            # As timm's own ViTs: the model takes its img_size only, unless built with dynamic_img_size=True.
+            fixed_input_size=True, paper_name=paper["published_title"], paper_ids=f"arXiv:{paper['arxiv']}",
             origin_url=paper["official_code"],
         )
         weights = entry.get("weights", [])
@@ -167,9 +234,8 @@ def pretrained_cfgs() -> Dict[str, Dict[str, Any]]:
             src = w["source"]
             pretraining = entry.get("pretraining", {})
             cfg = dict(common, license=w.get("license"), description=f"{entry['description']}; {w['description']}",
-                       notes=(f"encoder={w['encoder']}",) + tuple(
-                           f"{key}={pretraining[key]}" for key in ("dataset", "epochs", "noise_std", "predictor_depth")
-                           if key in pretraining))
+                       notes=tuple(f"{key}={pretraining[key]}" for key in
+                                   ("dataset", "epochs", "noise_std", "predictor_depth") if key in pretraining))
             if "hf_hub_id" in src:
                 hub_id = src["hf_hub_id"] + (f"@{src['revision']}" if src.get("revision") else "")
                 cfg.update(hf_hub_id=hub_id, hf_hub_filename=src["hf_hub_filename"])

@@ -8,18 +8,25 @@ class that is trained is the class that is served.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Set, Union
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.layers import resample_patch_embed
+from timm.models import (build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model,
+                         resolve_pretrained_cfg)
 from timm.models.vision_transformer import VisionTransformer
 
 from . import manifest
-from .checkpoints import check_fits, encoder_state_dict, load_file, strip_prefix, verify_sha256
+from .checkpoints import (SAFETENSORS_NAME, check_fits, encoder_state_dict, load_file, resolve_weight_file,
+                          strip_prefix, verify_sha256)
 from .hub import download
 from .pos_embed import sincos_2d
 
 __all__ = ["FlexPredictViT", "checkpoint_filter_fn", "gather_tokens"]
+
+FIRST_CONV = "patch_embed.proj"
+# What timm's load_pretrained needs to adapt a FlexPredict weight file (no classifier, RGB input).
+_WEIGHT_FILE_CFG = dict(first_conv=FIRST_CONV, classifier="head", num_classes=0, input_size=(3, 224, 224))
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -39,12 +46,15 @@ class FlexPredictViT(VisionTransformer):
         self._set_pos_embed()
 
     def _set_pos_embed(self) -> None:
-        # Fixed, never learned: a non-persistent buffer, so state dicts carry no position embedding.
+        # Fixed, never learned: a non-persistent buffer, so state dicts carry no position embedding. It takes the
+        # device and dtype of the weights, so create_model(device=..., dtype=...) and set_input_size keep them.
         grid = tuple(self.patch_embed.grid_size)
         if "pos_embed" in self.__dict__:  # timm's pos_embed='none' leaves a plain attribute
             del self.pos_embed
         self._buffers.pop("pos_embed", None)
-        self.register_buffer("pos_embed", sincos_2d(self.embed_dim, grid), persistent=False)
+        weight = self.patch_embed.proj.weight
+        self.register_buffer("pos_embed", sincos_2d(self.embed_dim, grid, dtype=weight.dtype, device=weight.device),
+                             persistent=False)
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         self._buffers["pos_embed"] = None  # let timm resize the patch embedding without resampling anything
@@ -83,43 +93,78 @@ class FlexPredictViT(VisionTransformer):
         return self.norm(x)
 
     @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        # timm's list names pos_embed, a learned parameter there; here it is a fixed buffer.
+        return super().no_weight_decay() - {"pos_embed"}
+
+    @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
-        """timm's custom-load hook: read the weight file safely (memory-mapped, weights_only) and load the encoder."""
-        encoder = _encoder_key(getattr(self, "pretrained_cfg", None) or {})
-        state_dict = checkpoint_filter_fn(encoder_state_dict(load_file(checkpoint_path), encoder), self)
-        incompatible = self.load_state_dict(state_dict, strict=False)
-        missing = [k for k in incompatible.missing_keys if not k.startswith("head.")]
-        if missing or incompatible.unexpected_keys:  # check_fits already raised; keep the guarantee explicit
-            raise RuntimeError(f"weights did not load: missing {missing}, unexpected {incompatible.unexpected_keys}")
+        """timm's custom-load hook: read the weight file safely (memory-mapped, weights_only), take the encoder,
+        then hand it to timm's own loader, which adapts the first conv to `in_chans` and drops the classifier
+        for `num_classes`, as for timm's own models."""
+        cfg = dict(_WEIGHT_FILE_CFG, **(getattr(self, "pretrained_cfg", None) or {}))
+        source = str(resolve_weight_file(checkpoint_path))
+        state_dict = encoder_state_dict(load_file(source), _encoder_key(cfg), source=source)
+        load_pretrained(self, pretrained_cfg=dict(cfg, state_dict=state_dict, file=source, source=""),
+                        num_classes=self.num_classes, in_chans=self.in_chans,
+                        filter_fn=lambda sd, model: checkpoint_filter_fn(sd, model, source=source))
+
+
+def _manifest_entry(pretrained_cfg: Mapping[str, Any]) -> Optional[manifest.WeightEntry]:
+    """The manifest weights that a pretrained cfg names (architecture + tag), if any."""
+    if not (pretrained_cfg.get("architecture") and pretrained_cfg.get("tag")):
+        return None
+    try:
+        return manifest.weight_entry(f"{pretrained_cfg['architecture']}.{pretrained_cfg['tag']}")
+    except KeyError:
+        return None
 
 
 def _encoder_key(pretrained_cfg: Mapping[str, Any]) -> str:
-    for note in pretrained_cfg.get("notes") or ():
-        if str(note).startswith("encoder="):
-            return str(note).split("=", 1)[1]
-    return "target_encoder"
+    """Which encoder of an official training checkpoint to load: the manifest entry's, else the EMA target encoder."""
+    entry = _manifest_entry(pretrained_cfg)
+    return entry.encoder if entry is not None else "target_encoder"
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: FlexPredictViT) -> Dict[str, torch.Tensor]:
+def _weights_source(pretrained_cfg: Mapping[str, Any]) -> str:
+    """The weights that timm's own loader read for an export (hf-hub:ORG/NAME, local-dir:DIR), as errors name them.
+    Other callers know their file and pass it to checkpoint_filter_fn."""
+    if pretrained_cfg.get("source") == "hf-hub" and pretrained_cfg.get("hf_hub_id"):
+        return f"the weights of Hugging Face Hub repository {pretrained_cfg['hf_hub_id']}"
+    if pretrained_cfg.get("source") == "local-dir" and pretrained_cfg.get("file"):
+        folder = Path(pretrained_cfg["file"])
+        return str(folder / SAFETENSORS_NAME if (folder / SAFETENSORS_NAME).is_file() else folder)
+    return "the given state dict"
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: FlexPredictViT,
+                         source: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Map an official StoP checkpoint (training dict or encoder state dict, `module.` keys) or an exported
-    state dict to this model's keys, dropping the fixed position embedding; raise if it does not fit."""
-    state_dict = encoder_state_dict(state_dict, _encoder_key(getattr(model, "pretrained_cfg", None) or {}))
+    state dict to this model's keys, dropping the fixed position embedding; raise, naming `source` (the weight
+    file, which timm's loader does not pass), if it does not fit."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    source = source or _weights_source(cfg)
+    state_dict = encoder_state_dict(state_dict, _encoder_key(cfg), source=source)
     state_dict = {k: v for k, v in strip_prefix(state_dict).items() if k != "pos_embed"}
     expected = model.state_dict()
     if getattr(model, "num_classes", 0) == 0 or any(k.startswith("head.") and k not in expected for k in state_dict):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    check_fits(state_dict, expected, what=f"{type(model).__name__} (embed_dim={model.embed_dim}, depth={len(model.blocks)})")
+    weight_key, proj = f"{FIRST_CONV}.weight", state_dict.get(f"{FIRST_CONV}.weight")
+    if proj is not None and proj.ndim == 4 and weight_key in expected:
+        model_proj = expected[weight_key]
+        if proj.shape[-2:] != model_proj.shape[-2:]:  # another patch_size: resample the kernel, as timm's ViTs do
+            proj = state_dict[weight_key] = resample_patch_embed(proj, list(model_proj.shape[-2:]), verbose=True)
+        file_chans = (cfg.get("input_size") or _WEIGHT_FILE_CFG["input_size"])[0]
+        if proj.shape[1] == file_chans != model_proj.shape[1]:  # timm's load_pretrained adapts it to in_chans next
+            expected = dict(expected, **{weight_key: torch.empty(model_proj.shape[:1] + proj.shape[1:], device="meta")})
+    check_fits(state_dict, expected, source=source,
+               what=f"{type(model).__name__} (embed_dim={model.embed_dim}, depth={len(model.blocks)})")
     return state_dict
 
 
 def _weight_path(cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path]]) -> Path:
     """Where the weights of a resolved pretrained cfg are on disk, downloading and checking them as needed."""
-    entry = None
-    if cfg.get("architecture") and cfg.get("tag"):
-        try:
-            entry = manifest.weight_entry(f"{cfg['architecture']}.{cfg['tag']}")
-        except KeyError:
-            entry = None
+    entry = _manifest_entry(cfg)
     if cfg.get("file"):
         path = Path(cfg["file"])
         packaged = entry is not None and "package_file" in entry.source and \

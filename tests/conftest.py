@@ -113,3 +113,54 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+# ------------------------------------------------------------------ flexpredict-train runs (export, demo, eval, CLI tests)
+RUN_MODEL = "flexpredict_vit_m4_32"
+RUN_ARCH = dict(embed_dim=32, depth=2, num_heads=2)  # a tiny flexpredict_vit_m4_32 (32x32 input, patch 4)
+TINY_TRAIN_OVERRIDES = ["model.kwargs={depth: 2, embed_dim: 32, num_heads: 2}", "predictor.depth=1",
+                        "predictor.embed_dim=16", "predictor.num_heads=2", "data.synthetic_size=16",
+                        "data.batch_size=4", "run.device=cpu"]
+
+
+def write_run(run_dir: Path, arch: Optional[dict] = None, seed: int = 0) -> Path:
+    """A run folder holding checkpoints/latest.pt with the keys flexpredict-train writes, random weights in
+    seconds; the context encoder deliberately differs from the target one."""
+    import copy
+    import timm
+    import flexpredict_zoo  # noqa: F401  (registers the models)
+    torch.manual_seed(seed)
+    model_kwargs = dict(arch or RUN_ARCH, img_size=32, drop_path_rate=0.1)
+    target = timm.create_model(RUN_MODEL, **model_kwargs)
+    context = copy.deepcopy(target)
+    with torch.no_grad():
+        for p in context.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = {"encoder": context.state_dict(), "target_encoder": target.state_dict(), "predictor": {},
+            "optimizer": {}, "scaler": None, "iteration": 1500, "epoch": 74, "model_name": RUN_MODEL,
+            "model_kwargs": model_kwargs, "loss": 0.0421, "rng": {"world_size": 1, "ranks": []},
+            "sampler": {"epoch": 74, "batches_done": 20, "iterations_per_epoch": 20, "batch_size": 64,
+                        "world_size": 1, "seed": seed}, "mask_generator": {},
+            "config": {"data": {"dataset": "digits", "batch_size": 64}, "predictor": {"noise_std": 0.25, "depth": 3},
+                       "run": {"seed": seed}}}
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, run_dir / "checkpoints" / "latest.pt")
+    return run_dir
+
+
+def reference_encoder(run_dir: Path, key: str = "target_encoder", arch: Optional[dict] = None):
+    """The run's encoder loaded by hand: the architecture built directly, its state dict loaded as saved."""
+    import timm
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    model = timm.create_model(RUN_MODEL, **(arch or RUN_ARCH))
+    model.load_state_dict(ckpt[key])
+    return model.eval()
+
+
+def train_tiny_run(run_dir: Path, steps: int = 2, seed: int = 0) -> Path:
+    """A real flexpredict-train run (tiny_cpu recipe, RUN_ARCH encoder, synthetic data) of `steps` iterations."""
+    from flexpredict_zoo.train import cli
+    code = cli.main(["--config", "tiny_cpu", *TINY_TRAIN_OVERRIDES, f"run.output_dir={run_dir}",
+                     f"run.max_steps={steps}", f"run.seed={seed}"])
+    assert code == 0 and (run_dir / "checkpoints" / "latest.pt").is_file()
+    return run_dir

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -78,6 +79,7 @@ def test_wider_checkpoint_into_narrower_model(tmp_path):
     with pytest.raises(CheckpointMismatchError) as info:
         timm.create_model("flexpredict_vit_ti16", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **DEPTH2)
     message = str(info.value)
+    assert f"the weights in {path} do not fit" in message  # every loading error names the file
     assert "patch_embed.proj.weight: file (256, 3, 16, 16) vs model (192, 3, 16, 16)" in message
     assert "blocks.0.attn.qkv.weight: file (768, 256) vs model (576, 192)" in message
     assert f"{2 + 2 * 12 + 2} shape mismatches" in message  # patch embed, 12 tensors per block, final norm
@@ -93,6 +95,39 @@ def test_deeper_checkpoint_names_unexpected_keys(tmp_path):
         check_fits({}, {"norm.weight": torch.ones(1), "head.weight": torch.ones(1)})
 
 
+def test_missing_encoder_entry_names_the_file(tmp_path):
+    # The context-encoder tag on a checkpoint that holds only the target encoder.
+    path = tmp_path / "target-only.pth.tar"
+    ckpt = make_official_checkpoint(path, arch=dict(embed_dim=768, depth=1, num_heads=12))
+    torch.save({"target_encoder": ckpt["target_encoder"], "epoch": 1}, path)
+    with pytest.raises(CheckpointError) as info:
+        timm.create_model("flexpredict_vit_b16.stop_in1k_context", pretrained=True, depth=1,
+                          pretrained_cfg_overlay=dict(file=str(path)))
+    assert f"{path} has no 'encoder' entry; it has ['epoch', 'target_encoder']" in str(info.value)
+
+
+def _export_folder(folder: Path, model: torch.nn.Module) -> Path:
+    """A folder as `flexpredict-zoo convert` writes it (model.safetensors, config.json) for flexpredict_vit_ti16."""
+    folder.mkdir()
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "flexpredict_vit_ti16", "num_classes": 0, "global_pool": "avg",
+        "pretrained_cfg": {"input_size": [3, 224, 224], "num_classes": 0, "classifier": "head",
+                           "first_conv": "patch_embed.proj", "fixed_input_size": True}}))
+    return folder / "model.safetensors"
+
+
+def test_mismatch_names_the_file_on_every_load_path(tmp_path):
+    wide = timm.create_model("flexpredict_vit_ti16", embed_dim=256, depth=2, num_heads=4)
+    weights = _export_folder(tmp_path / "export", wide)
+    for name, kwargs in (("flexpredict_vit_ti16", dict(pretrained_cfg_overlay=dict(file=str(weights)))),
+                         ("flexpredict_vit_ti16", dict(pretrained_cfg_overlay=dict(file=str(weights.parent)))),
+                         (f"local-dir:{weights.parent}", {})):  # timm's own loader, with our filter
+        with pytest.raises(CheckpointMismatchError) as info:
+            timm.create_model(name, pretrained=True, depth=2, **kwargs)
+        assert f"the weights in {weights} do not fit" in str(info.value), name
+
+
 def test_truncated_file(tmp_path):
     path = tmp_path / "ckpt.pth.tar"
     make_official_checkpoint(path, arch=DEPTH2)
@@ -101,8 +136,9 @@ def test_truncated_file(tmp_path):
         path.write_bytes(data[:cut])
         with pytest.raises(CheckpointError, match="truncated or corrupt"):
             load_file(path)
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
         timm.create_model("flexpredict_vit_ti16", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **DEPTH2)
+    assert str(path) in str(info.value)
 
 
 def test_corrupt_bytes(tmp_path):
@@ -190,3 +226,14 @@ def test_peak_memory_stays_near_encoder_size(tmp_path):
     assert abs(float(norm_sum) - expected_norm) < 1e-4  # the weights did load
     print(f"peak RSS increase {int(delta) / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB checkpoint")
     assert int(delta) < size / 3
+
+
+def test_export_folder_loads_with_in_chans_and_num_classes(tmp_path):
+    source = timm.create_model("flexpredict_vit_ti16", **DEPTH2)
+    folder = _export_folder(tmp_path / "export", source).parent
+    for name, kwargs in (("flexpredict_vit_ti16", dict(pretrained_cfg_overlay=dict(file=str(folder)))),
+                         (f"local-dir:{folder}", {})):  # our loader, and timm's own with our filter
+        model = timm.create_model(name, pretrained=True, in_chans=1, num_classes=4, **DEPTH2, **kwargs)
+        assert torch.equal(model.patch_embed.proj.weight, source.patch_embed.proj.weight.sum(1, keepdim=True)), name
+        assert model.head.weight.shape == (4, 192)
+        assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)

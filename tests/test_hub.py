@@ -124,3 +124,14 @@ def test_no_network_nothing_cached(hf_cache):
     message = str(info.value)
     assert "vit-l16.pth.tar" in message and "amirbar1/StoP" in message
     assert "`flexpredict-zoo download MODEL`" in message and "pretrained_cfg_overlay=dict(file=PATH)" in message
+
+
+def test_in_chans_and_num_classes_through_the_hub(hf_cache, released_b16):
+    # The released file through the Hub cache gets timm's load-time adaptations, with its sha256 still checked.
+    path, ckpt = released_b16
+    build_hf_cache(hf_cache, "amirbar1/StoP", {"vit-b16.pth.tar": path})
+    model = timm.create_model("flexpredict_vit_b16", pretrained=True, in_chans=1, num_classes=3, **SMALL_B16)
+    proj = ckpt["target_encoder"]["module.patch_embed.proj.weight"]
+    assert torch.equal(model.patch_embed.proj.weight, proj.sum(1, keepdim=True))  # timm's adapt_input_conv
+    assert model.head.weight.shape == (3, 64) and model.in_chans == 1
+    assert torch.equal(model.state_dict()["norm.weight"], ckpt["target_encoder"]["module.norm.weight"])

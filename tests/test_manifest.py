@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
+import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,7 @@ import timm
 import torch
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg
 
-import flexpredict_zoo  # noqa: F401  (registers the models)
+import flexpredict_zoo  # registers the models
 from flexpredict_zoo import manifest
 from flexpredict_zoo.manifest import ManifestError, UnknownModelError
 
@@ -21,10 +26,38 @@ from conftest import make_official_checkpoint  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((REPO_ROOT / "weights_manifest.json").read_text())
 MODELS = MANIFEST["models"]
+PACKAGE_DIR = Path(flexpredict_zoo.__file__).parent
 
 
-def test_package_manifest_is_the_repository_file():
-    assert manifest.manifest_path().read_bytes() == (REPO_ROOT / "weights_manifest.json").read_bytes()
+def _build_wheel(out_dir: Path) -> Path:
+    """Build the project's wheel (what `pip install` installs) from a copy of the sources, offline."""
+    pytest.importorskip("setuptools.build_meta")
+    src = out_dir / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "weights_manifest.json"):
+        shutil.copy2(REPO_ROOT / name, src / name)
+    for name in ("flexpredict_zoo", "train"):  # symlinks stay links, as in a checkout
+        shutil.copytree(REPO_ROOT / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(out_dir / "dist")], cwd=src, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out_dir / "dist" / proc.stdout.strip().splitlines()[-1]
+
+
+def test_package_manifest_is_the_repository_file(tmp_path):
+    # One file, not two copies that drift: the package's manifest is a link to the repository's...
+    link = REPO_ROOT / "flexpredict_zoo" / "weights_manifest.json"
+    assert link.is_symlink() and os.readlink(link) == "../weights_manifest.json"
+    # ...and what pip installs holds that file's bytes (a wheel cannot hold a link), with the shipped weights whose
+    # sha256 the manifest records.
+    with zipfile.ZipFile(_build_wheel(tmp_path)) as wheel:
+        assert wheel.read("flexpredict_zoo/weights_manifest.json") == (REPO_ROOT / "weights_manifest.json").read_bytes()
+        shipped = [w for m in MODELS.values() for w in m["weights"] if "package_file" in w["source"]]
+        assert shipped
+        for w in shipped:
+            data = wheel.read(f"flexpredict_zoo/{w['source']['package_file']}")
+            assert hashlib.sha256(data).hexdigest() == w["sha256"]
     assert manifest.load_manifest() == MANIFEST
 
 
@@ -36,46 +69,62 @@ def test_every_model_is_registered():
         assert timm.is_model(name)
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-def test_pretrained_cfgs_come_from_the_manifest(model):
-    entry = MODELS[model]
-    data, weights = entry["data"], entry["weights"]
+# The pretrained cfgs as read by hand from weights_manifest.json (not rebuilt with the code's own logic).
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0, crop_mode="center",
+                interpolation="bilinear", num_classes=0, classifier="head", first_conv="patch_embed.proj",
+                fixed_input_size=True, paper_ids="arXiv:2308.00566", license=None, notes=None,
+                hf_hub_id=None, hf_hub_filename=None, file=None)
+_STOP = "amirbar1/StoP"
+_IN1K = ("dataset=ImageNet-1k", "epochs=600", "noise_std=0.25")
+EXPECTED_CFGS = {
+    "flexpredict_vit_ti16": dict(IMAGENET, input_size=(3, 224, 224)),
+    "flexpredict_vit_s16": dict(IMAGENET, input_size=(3, 224, 224)),
+    **{f"flexpredict_vit_b16.{tag}": dict(IMAGENET, input_size=(3, 224, 224), license="cc-by-nc-4.0",
+                                          hf_hub_id=_STOP, hf_hub_filename="vit-b16.pth.tar",
+                                          notes=_IN1K + ("predictor_depth=6",))
+       for tag in ("stop_in1k", "stop_in1k_context")},
+    **{f"flexpredict_vit_l16.{tag}": dict(IMAGENET, input_size=(3, 224, 224), license="cc-by-nc-4.0",
+                                          hf_hub_id=_STOP, hf_hub_filename="vit-l16.pth.tar",
+                                          notes=_IN1K + ("predictor_depth=12",))
+       for tag in ("stop_in1k", "stop_in1k_context")},
+    **{f"flexpredict_vit_h16.{tag}": dict(IMAGENET, input_size=(3, 224, 224), license="cc-by-nc-4.0",
+                                          hf_hub_id=_STOP, hf_hub_filename="vit-h16.pth.tar",
+                                          notes=("dataset=ImageNet-1k", "epochs=300", "noise_std=0.2",
+                                                 "predictor_depth=12"))
+       for tag in ("stop_in1k", "stop_in1k_context")},
+    "flexpredict_vit_m4_32.digits_stop": dict(
+        IMAGENET, input_size=(3, 32, 32), license="apache-2.0",
+        file=str(PACKAGE_DIR / "weights" / "flexpredict_vit_m4_32.digits_stop.safetensors"),
+        notes=("dataset=scikit-learn digits (1,297-image training split, 8x8 upsampled to 32x32)", "epochs=150",
+               "noise_std=0.25", "predictor_depth=3")),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_CFGS))
+def test_pretrained_cfgs_come_from_the_manifest(name):
+    model, _, tag = name.partition(".")
     cfgs = get_arch_pretrained_cfgs(model)
-    expected_tags = [w["tag"] for w in weights] or [""]
-    assert [name.partition(".")[2] for name in cfgs] == expected_tags
-    for name, cfg in cfgs.items():
-        cfg = cfg.to_dict()
-        assert cfg["input_size"] == tuple(data["input_size"])
-        assert cfg["mean"] == tuple(data["mean"]) and cfg["std"] == tuple(data["std"])
-        assert cfg["crop_pct"] == data["crop_pct"] and cfg["crop_mode"] == data["crop_mode"]
-        assert cfg["interpolation"] == data["interpolation"]
-        assert cfg["num_classes"] == 0 and cfg["classifier"] == "head"
-        assert cfg["paper_ids"] == f"arXiv:{MANIFEST['paper']['arxiv']}"
-    for w in weights:
-        cfg = cfgs[f"{model}.{w['tag']}"].to_dict()
-        src = w["source"]
-        if "package_file" in src:  # weights shipped inside the package (the embedded demo model)
-            assert Path(cfg["file"]) == manifest.manifest_path().parent / src["package_file"]
-            assert Path(cfg["file"]).is_file() and cfg["license"] == w["license"]
-        else:
-            revision = f"@{src['revision']}" if src.get("revision") else ""
-            assert cfg["hf_hub_id"] == src["hf_hub_id"] + revision
-            assert cfg["hf_hub_filename"] == src["hf_hub_filename"]
-            assert cfg["license"] == w["license"] == "cc-by-nc-4.0"
-        pretraining = MODELS[model]["pretraining"]
-        assert cfg["notes"] == (f"encoder={w['encoder']}", f"dataset={pretraining['dataset']}",
-                                f"epochs={pretraining['epochs']}", f"noise_std={pretraining['noise_std']}",
-                                f"predictor_depth={pretraining['predictor_depth']}")
-    # The first tag is timm's default.
-    default = get_pretrained_cfg(model)
-    assert (default.tag or "") == expected_tags[0]
+    assert list(cfgs) == [n for n in EXPECTED_CFGS if n.partition(".")[0] == model]  # the first tag is the default
+    cfg = cfgs[name].to_dict()
+    assert {key: cfg.get(key) for key in EXPECTED_CFGS[name]} == EXPECTED_CFGS[name]
+    assert cfg.get("file") is None or Path(cfg["file"]).is_file()
+    assert (cfg.get("tag") or "") == tag
+    assert cfg["paper_name"] == "Stochastic positional embeddings improve masked image modeling"
+    default = next(n for n in EXPECTED_CFGS if n.partition(".")[0] == model)
+    assert (get_pretrained_cfg(model).tag or "") == default.partition(".")[2]
+
+
+def test_every_manifest_entry_has_an_expected_cfg():
+    # A new model or tag in the JSON needs its line in EXPECTED_CFGS, read from the JSON by hand.
+    in_json = {f"{m}.{w['tag']}" for m, e in MODELS.items() for w in e["weights"]} | \
+        {m for m, e in MODELS.items() if not e["weights"]}
+    assert in_json == set(EXPECTED_CFGS)
 
 
 @pytest.mark.parametrize("model", [m for m in MODELS if MODELS[m]["weights"]])
 def test_default_tag_is_target_encoder(model):
     assert MODELS[model]["weights"][0]["encoder"] == "target_encoder"
     assert manifest.weight_entry(model).encoder == "target_encoder"
-    assert get_pretrained_cfg(model).notes[0] == "encoder=target_encoder"
     if any("hf_hub_id" in w["source"] for w in MODELS[model]["weights"]):  # released checkpoints hold both encoders
         assert {w["encoder"] for w in MODELS[model]["weights"]} == {"target_encoder", "encoder"}
 

@@ -331,9 +331,11 @@ def test_pretrained_cfg_fields():
     assert cfg["paper_ids"] == "arXiv:2308.00566"
     assert cfg["num_classes"] == 0 and cfg["classifier"] == "head"
     assert cfg["hf_hub_id"].split("@")[0] == "amirbar1/StoP" and cfg["hf_hub_filename"] == "vit-b16.pth.tar"
-    assert "encoder=target_encoder" in cfg["notes"]
+    assert cfg["fixed_input_size"] is True  # as timm's own ViTs: other sizes need img_size or dynamic_img_size
     context = timm.create_model("flexpredict_vit_b16.stop_in1k_context", depth=1).pretrained_cfg
-    assert context["tag"] == "stop_in1k_context" and "encoder=encoder" in context["notes"]
+    assert context["tag"] == "stop_in1k_context"
+    # The encoder is a field of the manifest entry, not a note to parse.
+    assert not [note for c in (cfg, context) for note in c["notes"] if note.startswith("encoder")]
 
 
 def test_list_models_and_pretrained_tags():
@@ -371,3 +373,200 @@ def test_norm_and_pool_match_official():
     assert isinstance(model.fc_norm, torch.nn.Identity)
     assert model.blocks[0].attn.qkv.bias is not None
     assert isinstance(model.blocks[0].mlp.act, torch.nn.GELU) and model.blocks[0].mlp.fc1.out_features == 256
+
+
+# ---------------------------------------------------------------------------------------------------- every model
+# timm's API on every registered FlexPredict model, as timm's own tests run over its models. Shapes, device and
+# dtype are checked on the meta device (the full architecture, no memory); numbers on real weights at the
+# smallest input (a 2x2 patch grid), so the ViT-L/H cases stay cheap.
+
+ALL_MODELS = timm.list_models("flexpredict_*")
+ARCH = {name: manifest.model_entry(name)["architecture"] for name in ALL_MODELS}
+
+
+def _meta_images(batch, height, width=None, dtype=torch.float32):
+    return torch.empty(batch, 3, height, width or height, device="meta", dtype=dtype)
+
+
+def test_every_manifest_model_is_covered():
+    assert ALL_MODELS == sorted(manifest.model_names()) and len(ALL_MODELS) >= 6
+
+
+@pytest.fixture(scope="module", params=ALL_MODELS)
+def small_model(request):
+    """(name, model) with real weights at a 2x2 patch grid; weight_init='skip' only saves the init time."""
+    name = request.param
+    size = 2 * ARCH[name]["patch_size"]
+    return name, timm.create_model(name, img_size=size, weight_init="skip").eval()
+
+
+@torch.no_grad()
+def test_forward_features_head_and_pooling(small_model):
+    name, model = small_model
+    arch, size = ARCH[name], 2 * ARCH[name]["patch_size"]
+    x = _images(2, 3, size, size, seed=7)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 4, arch["embed_dim"]) and torch.isfinite(feats).all()
+    pooled = model(x)
+    assert pooled.shape == (2, arch["embed_dim"]) == (2, model.num_features) == (2, model.head_hidden_size)
+    assert (pooled - feats.mean(1)).abs().max() < TOL  # mean over every token, no class token
+    assert torch.equal(model.forward_head(feats, pre_logits=True), pooled)
+    assert torch.equal(model.forward_head(feats), pooled)  # num_classes=0: no classifier
+
+
+@torch.no_grad()
+def test_forward_intermediates_every_model(small_model):
+    name, model = small_model
+    arch, size = ARCH[name], 2 * ARCH[name]["patch_size"]
+    last = arch["depth"] - 1
+    x = _images(1, 3, size, size, seed=8)
+    final, inter = model.forward_intermediates(x, indices=[0, last], output_fmt="NCHW")
+    assert (final - model.forward_features(x)).abs().max() < TOL
+    assert [t.shape for t in inter] == [(1, arch["embed_dim"], 2, 2)] * 2
+    normed = model.forward_intermediates(x, indices=[last], norm=True, output_fmt="NLC", intermediates_only=True)
+    assert (normed[0] - final).abs().max() < TOL  # the last block + final norm is forward_features
+    assert len(model.forward_intermediates(x, intermediates_only=True)) == arch["depth"]
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_default_size_and_architecture_on_meta(name):
+    arch = ARCH[name]
+    model = timm.create_model(name, device="meta").eval()
+    grid = arch["img_size"] // arch["patch_size"]
+    x = _meta_images(2, arch["img_size"])
+    assert model.forward_features(x).shape == (2, grid * grid, arch["embed_dim"])
+    assert model(x).shape == (2, arch["embed_dim"])
+    assert len(model.blocks) == arch["depth"] and model.blocks[0].attn.num_heads == arch["num_heads"]
+    assert model.blocks[0].mlp.fc1.out_features == arch["embed_dim"] * arch["mlp_ratio"]
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, arch["img_size"], arch["img_size"]) and cfg["fixed_input_size"] is True
+    assert model.in_chans == 3 and model.num_classes == 0
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_features_only_every_model(name):
+    arch = ARCH[name]
+    p, dim, last = arch["patch_size"], arch["embed_dim"], arch["depth"] - 1
+    default = timm.create_model(name, features_only=True, device="meta")
+    assert default.feature_info.channels() == [dim] * 3  # the last three blocks by default
+    model = timm.create_model(name, features_only=True, out_indices=(0, last), device="meta")
+    assert model.feature_info.channels() == [dim, dim] and model.feature_info.reduction() == [p, p]
+    out = model(_meta_images(1, arch["img_size"]))
+    grid = arch["img_size"] // p
+    assert [t.shape for t in out] == [(1, dim, grid, grid)] * 2
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_other_input_sizes_every_model(name):
+    arch = ARCH[name]
+    p, dim = arch["patch_size"], arch["embed_dim"]
+    for size in (2 * p, 3 * p):
+        model = timm.create_model(name, img_size=size, device="meta")
+        assert model.pos_embed.shape == (1, (size // p) ** 2, dim)
+        assert model.forward_features(_meta_images(1, size)).shape == (1, (size // p) ** 2, dim)
+        assert model.pretrained_cfg["input_size"] == (3, arch["img_size"], arch["img_size"])  # the weights' size
+    dynamic = timm.create_model(name, dynamic_img_size=True, device="meta")
+    for height, width in ((2 * p, 3 * p), (5 * p, p)):
+        x = _meta_images(1, height, width)
+        assert dynamic.forward_features(x).shape == (1, (height // p) * (width // p), dim)
+        inter = dynamic.forward_intermediates(x, indices=[0], intermediates_only=True)
+        assert inter[0].shape == (1, dim, height // p, width // p)
+    fixed = timm.create_model(name, device="meta")
+    with pytest.raises(AssertionError, match="doesn't match model"):  # fixed_input_size, as the cfg says
+        fixed(_meta_images(1, 3 * p))
+    fixed.set_input_size(img_size=3 * p)
+    assert fixed.forward_features(_meta_images(1, 3 * p)).shape == (1, 9, dim)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_and_dtype_kwargs(name, dtype):
+    arch = ARCH[name]
+    model = timm.create_model(name, device="meta", dtype=dtype)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert "pos_embed" in dict(model.named_buffers())
+    assert not [n for n, t in tensors.items() if t.device.type != "meta" or t.dtype != dtype]
+    assert model(_meta_images(1, arch["img_size"], dtype=dtype)).dtype == dtype
+    model.set_input_size(img_size=2 * arch["img_size"])
+    assert model.pos_embed.device.type == "meta" and model.pos_embed.dtype == dtype
+
+
+@torch.no_grad()
+def test_bfloat16_forward_on_cpu():
+    fp32 = timm.create_model("flexpredict_vit_ti16", img_size=64, **SMALL).eval()
+    bf16 = timm.create_model("flexpredict_vit_ti16", img_size=64, dtype=torch.bfloat16, **SMALL).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    assert bf16.pos_embed.dtype == torch.bfloat16 and torch.equal(bf16.pos_embed, fp32.pos_embed.bfloat16())
+    x = _images(2, 3, 64, 64)
+    out = bf16(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - fp32(x)).abs().max() < 0.1  # bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_no_weight_decay_names_parameters_only(name):
+    model = timm.create_model(name, device="meta")
+    params = {n for n, _ in model.named_parameters()}
+    skipped = model.no_weight_decay()
+    assert "pos_embed" not in skipped  # a fixed buffer here, not a parameter
+    assert all(n in params or getattr(model, n, None) is None for n in skipped), skipped
+
+
+def _depth1_checkpoint(name, path):
+    arch = ARCH[name]
+    ckpt = make_official_checkpoint(path, arch=dict(embed_dim=arch["embed_dim"], depth=1, num_heads=arch["num_heads"],
+                                                    patch_size=arch["patch_size"], img_size=arch["img_size"]))
+    return {k[len("module."):]: v for k, v in ckpt["target_encoder"].items()}
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@torch.no_grad()
+def test_load_adapts_in_chans_and_num_classes(name, tmp_path):
+    # depth=1 keeps the ViT-H file small; the width, heads and patch size are the model's own.
+    path = tmp_path / "ckpt.pth.tar"
+    target = _depth1_checkpoint(name, path)
+    p, dim = ARCH[name]["patch_size"], ARCH[name]["embed_dim"]
+    kwargs = dict(depth=1, img_size=2 * p, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    grey = timm.create_model(name, in_chans=1, num_classes=10, **kwargs).eval()
+    rgb = timm.create_model(name, **kwargs).eval()
+    # timm's first-conv adaptation for one channel sums the RGB kernels: a grey model on a grey image is the
+    # RGB model on that image repeated in three channels.
+    assert grey.patch_embed.proj.weight.shape == (dim, 1, p, p)
+    assert (grey.patch_embed.proj.weight - target["patch_embed.proj.weight"].sum(1, keepdim=True)).abs().max() < 1e-6
+    assert grey.head.weight.shape == (10, dim)
+    state = grey.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in target.items() if k not in ("pos_embed", "patch_embed.proj.weight"))
+    x = _images(2, 1, 2 * p, 2 * p, seed=9)
+    pre_logits = grey.forward_head(grey.forward_features(x), pre_logits=True)
+    assert (pre_logits - rgb(x.expand(-1, 3, -1, -1))).abs().max() < 1e-4
+    assert grey(x).shape == (2, 10)
+
+
+@torch.no_grad()
+def test_shipped_weights_load_with_in_chans_and_num_classes():
+    rgb = timm.create_model("flexpredict_vit_m4_32", pretrained=True).eval()
+    grey = timm.create_model("flexpredict_vit_m4_32", pretrained=True, in_chans=1, num_classes=5).eval()
+    assert torch.equal(grey.patch_embed.proj.weight, rgb.patch_embed.proj.weight.sum(1, keepdim=True))
+    x = _images(2, 1, 32, 32, seed=10)
+    pre_logits = grey.forward_head(grey.forward_features(x), pre_logits=True)
+    assert (pre_logits - rgb(x.expand(-1, 3, -1, -1))).abs().max() < 1e-4
+    assert grey(x).shape == (2, 5)
+
+
+@torch.no_grad()
+def test_load_with_other_patch_size_resamples_the_kernel(tmp_path):
+    path = tmp_path / "ckpt.pth.tar"
+    target = _depth1_checkpoint("flexpredict_vit_ti16", path)
+    kwargs = dict(depth=1, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    p16 = timm.create_model("flexpredict_vit_ti16", img_size=16, **kwargs).eval()
+    p32 = timm.create_model("flexpredict_vit_ti16", img_size=32, patch_size=32, **kwargs).eval()
+    assert p32.patch_embed.proj.weight.shape == (192, 3, 32, 32)
+    assert torch.equal(p32.patch_embed.proj.bias, target["patch_embed.proj.bias"])
+    # timm's FlexiViT resampling: a patch upsampled as the kernel was gives the same token as the original patch.
+    patch = _images(1, 3, 16, 16, seed=11)
+    upsampled = torch.nn.functional.interpolate(patch, size=(32, 32), mode="bicubic", antialias=True)
+    err = (p32.patch_embed(upsampled) - p16.patch_embed(patch)).abs().max().item()
+    assert err < 1e-4, err
+    p8 = timm.create_model("flexpredict_vit_ti16", img_size=64, patch_size=8, **kwargs).eval()
+    assert p8.patch_embed.proj.weight.shape == (192, 3, 8, 8)
+    assert p8(_images(1, 3, 64, 64)).shape == (1, 192)
