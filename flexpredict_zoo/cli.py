@@ -13,15 +13,21 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from . import manifest
 from .checkpoints import CheckpointError, sha256_file, verify_sha256
 from .manifest import UnknownModelError
 
 NOT_RECORDED = "not recorded"
+
+
+class CommandUnavailableError(RuntimeError):
+    """A command whose optional dependencies are not installed; the message says what to install."""
+
+
 # Library errors whose messages are written for users: printed as `error: ...`, exit code 2, no traceback.
-USER_ERRORS = (CheckpointError, UnknownModelError, ValueError, OSError)
+USER_ERRORS = (CheckpointError, UnknownModelError, ValueError, OSError, CommandUnavailableError)
 
 
 def _source_text(source: Mapping[str, Any]) -> str:
@@ -143,7 +149,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         from .features import add_extract_arguments
     except ImportError as e:  # features need only inference dependencies; say what is missing if they fail
         def unavailable(args: argparse.Namespace, error: str = str(e)) -> int:
-            raise ValueError(f"feature extraction is not available: {error}")
+            raise CommandUnavailableError(f"feature extraction is not available: {error}")
         parser.set_defaults(func=unavailable)
         return
     add_extract_arguments(parser)
@@ -198,21 +204,37 @@ def _message(error: BaseException) -> str:
     return text
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) and usage errors (2) return their code instead of exiting
-        return int(e.code or 0)
-    func: Callable[[argparse.Namespace], int] = args.func
+def run_command(func: Callable[[Any], Optional[int]], args: Any,
+                extra_user_errors: Callable[[], Tuple[Type[BaseException], ...]] = tuple) -> int:
+    """Run one command of `flexpredict-zoo` or `flexpredict-train` and return its exit code. The one place where
+    errors meet the user: a user error (USER_ERRORS, plus `extra_user_errors()` of the calling CLI, looked up
+    only when something failed) is one `error: MESSAGE` line on stderr and exit code 2, without a traceback;
+    anything else is a bug and keeps its traceback."""
     try:
         return int(func(args) or 0)
-    except USER_ERRORS as e:
-        print(f"error: {_message(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not isinstance(e, USER_ERRORS + tuple(extra_user_errors())):
+            raise
+        print(f"error: {_message(e)}", file=sys.stderr)
+        return 2
+
+
+def parse_or_exit_code(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Union[argparse.Namespace, int]:
+    """parser.parse_args(argv), or the exit code of --help (0) and usage errors (2, argparse's own message)."""
+    try:
+        return parser.parse_args(list(argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_or_exit_code(build_parser(), sys.argv[1:] if argv is None else argv)
+    if isinstance(args, int):
+        return args
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

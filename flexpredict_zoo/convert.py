@@ -11,18 +11,16 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
 from . import manifest
 from .atomic_write import write_folder_atomically
 from .checkpoints import SAFETENSORS_NAME, CheckpointError, encoder_state_dict, load_file, resolve_weight_file, sha256_file
+from .encoders import CONFIG_NAME, build_encoder, encoder_key
 
 PathLike = Union[str, Path]
-CONFIG_NAME = "config.json"
-ENCODER_CHOICES = {"target": "target_encoder", "context": "encoder",
-                   "target_encoder": "target_encoder", "encoder": "encoder"}
 # Where the weights came from is not part of an export's config: timm must load the folder's own files.
 _SOURCE_CFG_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "custom_load", "source", "state_dict", "tag",
                     "architecture")
@@ -40,14 +38,6 @@ class InferredArchitecture:
     def describe(self) -> str:
         size = f", img_size {self.img_size}" if self.img_size else ""
         return f"embed_dim {self.embed_dim}, depth {self.depth}, patch {self.patch_size}, mlp_ratio {self.mlp_ratio:g}{size}"
-
-
-def encoder_key(encoder: str) -> str:
-    """'target' / 'context' (or the checkpoint keys themselves) -> 'target_encoder' / 'encoder'."""
-    if encoder not in ENCODER_CHOICES:
-        raise ValueError(f"encoder must be 'target' (the EMA target encoder the paper evaluates) or 'context', "
-                         f"got {encoder!r}")
-    return ENCODER_CHOICES[encoder]
 
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> InferredArchitecture:
@@ -89,9 +79,13 @@ def match_model_name(arch: InferredArchitecture) -> str:
     return found[0]
 
 
-def export_config(model: torch.nn.Module, model_name: str, encoder: str) -> Dict[str, Any]:
-    """config.json in timm's Hub format; the pretrained cfg of the manifest tag for this encoder, sources removed."""
-    tags = [e for e in manifest.weight_entries(model_name) if e.encoder == encoder]
+def export_config(model: torch.nn.Module, model_name: str, encoder: str,
+                  model_args: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """config.json in timm's Hub format: the pretrained cfg of the manifest tag for this encoder (sources removed),
+    the timm.create_model kwargs that rebuild the architecture (`model_args`, read by `local-dir:`/`hf-hub:`
+    loading), and which encoder of the training checkpoint the weights are (`encoder`, a key of its own)."""
+    key = encoder_key(encoder)
+    tags = [e for e in manifest.weight_entries(model_name) if e.encoder == key]
     cfg = dict(model.pretrained_cfg)
     if tags:
         from timm.models import get_pretrained_cfg
@@ -99,10 +93,37 @@ def export_config(model: torch.nn.Module, model_name: str, encoder: str) -> Dict
         cfg = tagged.to_dict() if tagged is not None else cfg
     pretrained_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()
                       if k not in _SOURCE_CFG_KEYS and v is not None}
-    pretrained_cfg["notes"] = [f"encoder={encoder}"]
     pretrained_cfg["num_classes"] = 0
-    return {"architecture": model_name, "num_classes": 0, "num_features": int(model.num_features),
-            "global_pool": "avg", "pretrained_cfg": pretrained_cfg}
+    config = {"architecture": model_name, "encoder": key, "num_classes": 0, "num_features": int(model.num_features),
+              "global_pool": "avg", "pretrained_cfg": pretrained_cfg}
+    if model_args:
+        config["model_args"] = dict(model_args)
+    return config
+
+
+def write_model_folder(out_dir: PathLike, model: torch.nn.Module, model_name: str, encoder: str,
+                       metadata: Optional[Mapping[str, str]] = None, model_args: Optional[Mapping[str, Any]] = None,
+                       extra_files: Optional[Mapping[str, Callable[[Path], None]]] = None,
+                       overwrite: bool = False) -> Path:
+    """The one writer of a model folder: `model.safetensors` (the model's state dict; safetensors metadata
+    `format`, `architecture`, `encoder`, `model_args` plus `metadata`) and `config.json` (`export_config`), then
+    `extra_files[name](path)` in order (they may read the weights already written beside them). All files
+    appear together or not at all. Returns the folder."""
+    from safetensors.torch import save_file
+
+    key = encoder_key(encoder)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    header = {"format": "pt", "architecture": model_name, "encoder": key, **dict(metadata or {})}
+    if model_args:
+        header["model_args"] = json.dumps(dict(model_args))
+    config = export_config(model, model_name, key, model_args)
+    out_dir = Path(out_dir).expanduser()
+    write_folder_atomically(out_dir, {
+        SAFETENSORS_NAME: lambda p: save_file(tensors, str(p), metadata=header),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
+        **dict(extra_files or {}),
+    }, overwrite)
+    return out_dir
 
 
 def convert_checkpoint(checkpoint: Union[PathLike, Mapping[str, Any]], out_dir: PathLike,
@@ -113,10 +134,6 @@ def convert_checkpoint(checkpoint: Union[PathLike, Mapping[str, Any]], out_dir: 
     an in-memory state dict. The architecture is inferred from the tensor shapes unless `model_name` is given;
     the weights are validated by loading them into the timm model through `checkpoint_filter_fn`.
     """
-    import timm
-    from safetensors.torch import save_file
-    from .vision_transformer import checkpoint_filter_fn
-
     key = encoder_key(encoder)
     if isinstance(checkpoint, Mapping):
         raw, source_name, source_sha = checkpoint, "<state dict>", ""
@@ -127,19 +144,9 @@ def convert_checkpoint(checkpoint: Union[PathLike, Mapping[str, Any]], out_dir: 
     if model_name is None:
         model_name = match_model_name(infer_architecture(state_dict))
     manifest.model_entry(model_name)  # an unknown name fails here, with close matches
-    model = timm.create_model(model_name, pretrained=False, num_classes=0)
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", "architecture": model_name, "encoder": key, "source_file": source_name,
-                "source_sha256": source_sha}
-    config = export_config(model, model_name, key)
-
-    out_dir = Path(out_dir).expanduser()
-    write_folder_atomically(out_dir, {
-        SAFETENSORS_NAME: lambda p: save_file(tensors, str(p), metadata=metadata),
-        CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
-    }, overwrite)
-    return out_dir
+    model = build_encoder(model_name, {}, state_dict, source=None if isinstance(checkpoint, Mapping) else path)
+    return write_model_folder(out_dir, model, model_name, key,
+                              metadata={"source_file": source_name, "source_sha256": source_sha}, overwrite=overwrite)
 
 
 def read_export(folder: PathLike) -> tuple:

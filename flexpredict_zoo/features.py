@@ -1,39 +1,46 @@
-"""Feature extraction over folders of images: the Python API and the body of `flexpredict-zoo extract`.
+"""Feature extraction, the one extractor of the project: the Python API, `flexpredict-zoo extract`, and the
+feature pass of `flexpredict-train eval` and `flexpredict-train demo`.
 
     from flexpredict_zoo.features import extract_features, save_features
     result = extract_features("flexpredict_vit_b16", "photos/", patch_tokens=True, layers=[8, 11])
     result.names, result.pooled.shape          # ['a.jpg', 'sub/b.png'], (2, 768)
     save_features(result, "photos.safetensors")
+    result = extract_features(model, dataset)  # a Dataset of (image, label) items: result.labels too
 
-Images are preprocessed with the model's official evaluation transform (`timm.data.resolve_data_config` +
-`create_transform`). An image that cannot be read is logged by name and recorded in `result.skipped` with the
-reason; it is never dropped silently.
+Images read from paths are preprocessed with the model's evaluation transform (`eval_transform`, from the
+model's pretrained config: for FlexPredict the official one, short side to the input size, centre crop). An
+image that cannot be read is logged as `skipped unreadable image NAME: REASON` and recorded in
+`result.skipped`; it is never dropped silently.
 """
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from .atomic_write import write_file_atomically
 
-__all__ = ["FeatureResult", "extract_features", "save_features", "load_features", "find_images",
-           "add_extract_arguments", "run_extract", "IMAGE_EXTENSIONS"]
+__all__ = ["FeatureResult", "extract_features", "encode_batch", "save_features", "load_features", "find_images",
+           "eval_transform", "model_eval_transform", "model_data_config", "UnreadableImage", "read_image",
+           "normalise_layers", "add_extract_arguments", "run_extract", "IMAGE_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
+# The image files of a folder, for extraction and for the training package's image folders.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
-FORMAT_VERSION = "1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FORMAT_VERSION = "2"  # 2: layer_{i} are final-normed block outputs (1: before the final norm); labels
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
 
@@ -44,17 +51,21 @@ class FeatureResult:
 
     pooled: (N, D) float32, the model's pooled pre-logits output (for FlexPredict: final norm, mean over tokens).
     patch_tokens: (N, L, D) float32 final-normed patch tokens (prefix tokens removed), when requested.
-    intermediates: {block index: (N, D)} the mean over tokens of that block's output (before the final norm),
-        for the requested `layers`; block indices are 0-based and non-negative (-1 is stored as depth-1).
-    intermediate_tokens: {block index: (N, L, D)} the token maps of the same blocks, when both `layers` and
-        `patch_tokens` are requested.
-    skipped: (path, reason) for every image that could not be read; these have no row.
+    intermediates: {block index: (N, D)} for the requested `layers`: that block's output passed through the
+        model's final norm, then averaged over the patch tokens. This is the paper's last-4-layers linear probe
+        (and DINOv2's `get_intermediate_layers(norm=True)`): the last block's entry equals `pooled`. Block
+        indices are 0-based and non-negative (-1 is stored as depth-1).
+    intermediate_tokens: {block index: (N, L, D)} the final-normed token maps of the same blocks, when both
+        `layers` and `patch_tokens` are requested.
+    labels: (N,) int64 labels of the rows, when the input is a Dataset of (image, label) items.
+    skipped: (name, reason) for every image that could not be read; these have no row.
     """
     names: List[str]
     pooled: torch.Tensor
     patch_tokens: Optional[torch.Tensor] = None
     intermediates: Optional[Dict[int, torch.Tensor]] = None
     intermediate_tokens: Optional[Dict[int, torch.Tensor]] = None
+    labels: Optional[torch.Tensor] = None
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     model_name: Optional[str] = None
     input_size: Optional[Tuple[int, int, int]] = None
@@ -63,6 +74,13 @@ class FeatureResult:
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
+
+class UnreadableImage(NamedTuple):
+    """Stands in for an item whose image could not be read (a Dataset returns it instead of raising, so one bad
+    file never kills a DataLoader worker); `error` says why."""
+    path: str
+    error: str
+
 
 def _is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
@@ -97,51 +115,101 @@ def find_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Tuple[Path,
     return found
 
 
-def _read_image(path: Path):
+def read_image(path: PathLike):
+    """The image at `path` as an RGB PIL image, fully decoded (so a truncated file fails here, not later)."""
     from PIL import Image
     with Image.open(path) as image:
-        return image.convert("RGB")  # convert() forces the full decode, so truncated files fail here
+        return image.convert("RGB")
 
 
-class _ImageDataset(torch.utils.data.Dataset):
-    """Returns (index, tensor, None) or, for an unreadable image, (index, None, reason): the collate separates them."""
+class _ImagePaths(Dataset):
+    """Items (image, -1) of image files, or UnreadableImage(name, reason)."""
 
-    def __init__(self, paths: Sequence[Path], transform: Callable):
-        self.paths, self.transform = list(paths), transform
+    def __init__(self, files: Sequence[Tuple[Path, str]]):
+        self.files = list(files)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
 
     def __getitem__(self, index: int):
+        path, name = self.files[index]
         try:
-            return index, self.transform(_read_image(self.paths[index])), None
+            return read_image(path), -1
         except Exception as error:  # any failure is recorded with its reason, never dropped silently
-            return index, None, f"{type(error).__name__}: {error}"
+            return UnreadableImage(name, f"{type(error).__name__}: {error}")
+
+
+class _Indexed(Dataset):
+    """(index, item) with PIL images passed through the evaluation transform (in the loader's workers)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if not isinstance(item, UnreadableImage) and not isinstance(item[0], torch.Tensor):
+            try:
+                item = (self.transform(item[0]), *item[1:])
+            except Exception as error:
+                item = UnreadableImage(str(index), f"{type(error).__name__}: {error}")
+        return index, item
 
 
 def _collate(batch):
-    good = [(i, x) for i, x, _ in batch if x is not None]
+    """(indices, images, labels) of the readable items, and (index, UnreadableImage) of the others."""
+    good = [(i, item) for i, item in batch if not isinstance(item, UnreadableImage)]
+    failed = [(i, item) for i, item in batch if isinstance(item, UnreadableImage)]
+    if not good:
+        return None, None, None, failed
     indices = torch.tensor([i for i, _ in good], dtype=torch.long)
-    images = torch.stack([x for _, x in good]) if good else None
-    failed = [(i, reason) for i, x, reason in batch if x is None]
-    return indices, images, failed
+    images = torch.stack([item[0] for _, item in good])
+    labels = torch.as_tensor([int(item[1]) if len(item) > 1 else -1 for _, item in good], dtype=torch.long)
+    return indices, images, labels, failed
+
+
+def _item_names(dataset: Dataset) -> Callable[[int], str]:
+    samples = getattr(dataset, "samples", None)  # ImageFolder-style datasets: (path, label) per item
+    if isinstance(samples, Sequence) and len(samples) == len(dataset):  # type: ignore[arg-type]
+        return lambda i: str(samples[i][0])
+    return str
+
+
+# ------------------------------------------------------------------------------------------------------ transform
+
+def model_data_config(model: nn.Module) -> Dict[str, Any]:
+    """The preprocessing `model` expects (timm's resolve_data_config of its pretrained cfg), with the input size
+    of the model as built: a model built with img_size=S keeps the 224 pretrained cfg but only takes S."""
+    from timm.data import resolve_data_config
+    config = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and not getattr(model, "dynamic_img_size", False):
+        config["input_size"] = (config["input_size"][0], *tuple(img_size))
+    return config
+
+
+def eval_transform(img_size: Union[int, Tuple[int, int]], mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD, interpolation: str = "bilinear", crop_pct: float = 1.0,
+                   crop_mode: str = "center") -> Callable:
+    """The evaluation preprocessing of PIL images: resize the short side to img_size / crop_pct, crop img_size
+    (crop_mode), to tensor, normalise. FlexPredict's (the official evaluation): crop_pct 1.0, centre crop."""
+    from timm.data import create_transform
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return create_transform(input_size=(3, *size), is_training=False, interpolation=interpolation, mean=tuple(mean),
+                            std=tuple(std), crop_pct=crop_pct, crop_mode=crop_mode)
+
+
+def model_eval_transform(model: nn.Module) -> Tuple[Callable, Tuple[int, int, int]]:
+    """(eval_transform for `model`, its input size (C, H, W))."""
+    config = model_data_config(model)
+    transform = eval_transform(tuple(config["input_size"][1:]), config["mean"], config["std"],
+                               config["interpolation"], config["crop_pct"], config.get("crop_mode") or "center")
+    return transform, tuple(config["input_size"])
 
 
 # ----------------------------------------------------------------------------------------------------------- model
-
-def _create_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    import timm
-    from . import vision_transformer  # noqa: F401  (registers the flexpredict_* names with timm)
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as error:
-        if not str(error).startswith("Unknown model"):
-            raise
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} `flexpredict-zoo list` prints the FlexPredict models; "
-                         f"any timm model name also works.") from None
-
 
 def _model_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -149,17 +217,6 @@ def _model_name(model: nn.Module) -> str:
     if arch:
         return f"{arch}.{tag}" if tag else arch
     return type(model).__name__
-
-
-def _eval_transform(model: nn.Module):
-    from timm.data import create_transform, resolve_data_config
-    config = resolve_data_config({}, model=model)
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if img_size is not None and not getattr(model, "dynamic_img_size", False):
-        # A model built with img_size=S keeps the 224 pretrained cfg; it can only take its own size.
-        config["input_size"] = (config["input_size"][0], *tuple(img_size))
-    return create_transform(**config), tuple(config["input_size"])
 
 
 def _resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
@@ -176,7 +233,8 @@ def _resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -
     return resolved
 
 
-def _normalise_layers(layers: Optional[Sequence[int]], model: nn.Module) -> Optional[List[int]]:
+def normalise_layers(layers: Optional[Sequence[int]], model: nn.Module) -> Optional[List[int]]:
+    """Block indices as non-negative ints (-1 is depth-1); out of range or repeated is a ValueError."""
     if layers is None:
         return None
     if not hasattr(model, "forward_intermediates"):
@@ -203,101 +261,15 @@ def _strip_prefix_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor
     return tokens[:, prefix:] if prefix else tokens
 
 
-# ------------------------------------------------------------------------------------------------------ extraction
-
-def extract_features(model: Union[str, nn.Module], inputs: Union[PathLike, Sequence[PathLike]], *,
-                     batch_size: int = 64, device: Union[None, str, torch.device] = None, num_workers: int = 0,
-                     patch_tokens: bool = False, layers: Optional[Sequence[int]] = None, pretrained: bool = True,
-                     dtype: Union[None, str, torch.dtype] = None, progress: bool = False,
-                     model_kwargs: Optional[Mapping[str, Any]] = None) -> FeatureResult:
-    """Features of images (a folder, a file, or a list of both) from a timm model name or a model.
-
-    `model`: a name (created with `timm.create_model(name, pretrained=pretrained, **model_kwargs)`) or an
-    nn.Module (timm-style: forward_features / forward_head; it is moved to `device` and run in eval mode, and
-    its train/eval mode is restored afterwards). `device` defaults to CUDA when available. `dtype` is the
-    autocast dtype: default bf16 on CUDA and fp32 (no autocast) on CPU; outputs are always float32.
-    `layers`: block indices for `result.intermediates` (see FeatureResult). Unreadable images are logged and
-    listed in `result.skipped`; if none can be read, ValueError.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available; use --device cpu")
-    autocast_dtype = _resolve_dtype(dtype, device)
-    files = find_images(inputs)  # before building the model: a bad path fails fast
-
-    if isinstance(model, str):
-        name = model
-        model = _create_model(model, pretrained, **dict(model_kwargs or {}))
-    else:
-        if model_kwargs:
-            raise ValueError("model_kwargs only apply when the model is given by name")
-        name = _model_name(model)
-    layer_indices = _normalise_layers(layers, model)
-    if (patch_tokens or layer_indices is not None) and not hasattr(model, "forward_features"):
-        raise ValueError(f"{type(model).__name__} has no forward_features; patch tokens need a timm model")
-    transform, input_size = _eval_transform(model)
-
-    was_training = model.training
-    model.to(device).eval()
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset([path for path, _ in files], transform), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
-    failures: Dict[int, str] = {}
-    batches: List[Tuple[torch.Tensor, Dict[str, Any]]] = []
-    from tqdm import tqdm
-    bar = tqdm(total=len(files), unit="img", desc=f"extract {name}", file=sys.stderr, disable=not progress)
-    try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                    enabled=autocast_dtype != torch.float32):
-            for indices, images, failed in loader:
-                for index, reason in failed:
-                    failures[index] = reason
-                    message = f"skipped unreadable image {files[index][1]}: {reason}"
-                    if progress:
-                        bar.write(message, file=sys.stderr)
-                    else:
-                        logger.warning(message)
-                if images is not None:
-                    batches.append((indices, _forward(model, images.to(device, non_blocking=True),
-                                                      patch_tokens, layer_indices)))
-                bar.update(len(indices) + len(failed))
-    finally:
-        bar.close()
-        model.train(was_training)
-
-    skipped = [(files[i][1], failures[i]) for i in sorted(failures)]
-    if not batches:
-        reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
-        raise ValueError(f"none of the {len(files)} images could be read ({reasons}"
-                         f"{'; ...' if len(skipped) > 5 else ''})")
-    indices = torch.cat([i for i, _ in batches])
-    # Rows follow the input order whatever order the loader delivered them in.
-    order = torch.argsort(indices)
-
-    def gather(get: Callable[[Dict[str, Any]], torch.Tensor]) -> torch.Tensor:
-        return torch.cat([get(out) for _, out in batches])[order]
-
-    return FeatureResult(
-        names=[files[i][1] for i in indices[order].tolist()],
-        pooled=gather(lambda out: out["pooled"]),
-        patch_tokens=gather(lambda out: out["tokens"]) if patch_tokens else None,
-        intermediates=({layer: gather(lambda out: out["inter"][layer]) for layer in layer_indices}
-                       if layer_indices is not None else None),
-        intermediate_tokens=({layer: gather(lambda out: out["inter_tokens"][layer]) for layer in layer_indices}
-                             if layer_indices is not None and patch_tokens else None),
-        skipped=skipped, model_name=name, input_size=input_size, dtype=str(autocast_dtype).replace("torch.", ""))
-
-
-def _forward(model: nn.Module, images: torch.Tensor, patch_tokens: bool,
-             layers: Optional[List[int]]) -> Dict[str, Any]:
-    """One forward pass; everything returned is float32 on the CPU."""
+def encode_batch(model: nn.Module, images: torch.Tensor, patch_tokens: bool = False,
+                 layers: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """One forward pass of a batch: {"pooled": (B, D)}, plus "tokens" (B, L, D) with `patch_tokens`, and with
+    `layers` (non-negative block indices) "inter" {i: (B, D)} and, with `patch_tokens`, "inter_tokens"
+    {i: (B, L, D)}: each block's output through the final norm (see FeatureResult). All float32 on the CPU."""
     out: Dict[str, Any] = {}
     if layers is not None:
-        final, intermediates = model.forward_intermediates(images, indices=layers, output_fmt="NLC")
+        # norm=True: the final norm on every intermediate; timm returns them without prefix tokens.
+        final, intermediates = model.forward_intermediates(images, indices=list(layers), norm=True, output_fmt="NLC")
         out["inter"] = {i: t.float().mean(dim=1).cpu() for i, t in zip(layers, intermediates)}
         if patch_tokens:
             out["inter_tokens"] = {i: t.float().cpu() for i, t in zip(layers, intermediates)}
@@ -316,6 +288,107 @@ def _forward(model: nn.Module, images: torch.Tensor, patch_tokens: bool,
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ extraction
+
+def extract_features(model: Union[str, nn.Module], inputs: Union[PathLike, Sequence[PathLike], Dataset], *,
+                     batch_size: int = 64, device: Union[None, str, torch.device] = None, num_workers: int = 0,
+                     patch_tokens: bool = False, layers: Optional[Sequence[int]] = None, pretrained: bool = True,
+                     dtype: Union[None, str, torch.dtype] = None, progress: bool = False,
+                     model_kwargs: Optional[Mapping[str, Any]] = None, weights: Optional[PathLike] = None,
+                     encoder: Optional[str] = None) -> FeatureResult:
+    """Features of images from an encoder.
+
+    `inputs`: a folder, a file or a list of both (see `find_images`), or a Dataset of (image, label) items, the
+    image a PIL image (given the evaluation transform here) or an already preprocessed tensor; an item may be an
+    UnreadableImage, which is skipped and named. `model`: anything `flexpredict_zoo.encoders.load_encoder`
+    takes (a model name, run folder, checkpoint, exported folder, `hf-hub:`, `local-dir:`; with `pretrained`,
+    `weights`, `encoder`, `model_kwargs` passed on), or an nn.Module (timm-style: forward_features /
+    forward_head; moved to `device`, run in eval mode, its train/eval mode restored afterwards). `device`
+    defaults to CUDA when available. `dtype` is the autocast dtype: default bf16 on CUDA and fp32 (no autocast)
+    on CPU; outputs are always float32. `layers`: block indices for `result.intermediates` (see FeatureResult).
+    If no image can be read, ValueError.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available; use --device cpu")
+    autocast_dtype = _resolve_dtype(dtype, device)
+    if isinstance(inputs, Dataset):
+        dataset, name_of = inputs, _item_names(inputs)
+    else:
+        files = find_images(inputs)  # before building the model: a bad path fails fast
+        dataset, name_of = _ImagePaths(files), (lambda i: files[i][1])
+
+    if isinstance(model, nn.Module):
+        if model_kwargs or weights is not None or encoder is not None:
+            raise ValueError("model_kwargs, weights and encoder only apply when the model is given by name or path")
+        name = _model_name(model)
+    else:
+        from .encoders import resolve_encoder
+        loaded = resolve_encoder(model, encoder, pretrained=pretrained, weights=weights, model_kwargs=model_kwargs)
+        model, name = loaded.model, loaded.description
+    layer_indices = normalise_layers(layers, model)
+    if (patch_tokens or layer_indices is not None) and not hasattr(model, "forward_features"):
+        raise ValueError(f"{type(model).__name__} has no forward_features; patch tokens need a timm model")
+    transform, input_size = model_eval_transform(model)
+
+    was_training = model.training
+    model.to(device).eval()
+    loader = torch.utils.data.DataLoader(_Indexed(dataset, transform), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_collate,
+                                         pin_memory=device.type == "cuda")
+    total = len(dataset)  # type: ignore[arg-type]
+    skipped: Dict[int, Tuple[str, str]] = {}
+    batches: List[Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]] = []
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="img", desc=f"extract {name}", file=sys.stderr, disable=not progress)
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                    enabled=autocast_dtype != torch.float32):
+            for indices, images, labels, failed in loader:
+                for index, bad in failed:
+                    skipped[index] = (bad.path, bad.error)
+                    message = f"skipped unreadable image {bad.path}: {bad.error}"
+                    if progress:
+                        bar.write(message, file=sys.stderr)
+                    else:
+                        logger.warning(message)
+                if images is not None:
+                    batches.append((indices, labels, encode_batch(model, images.to(device, non_blocking=True),
+                                                                  patch_tokens, layer_indices)))
+                bar.update((len(indices) if indices is not None else 0) + len(failed))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    skipped_list = [skipped[i] for i in sorted(skipped)]
+    if not batches:
+        reasons = "; ".join(f"{p}: {r}" for p, r in skipped_list[:5])
+        raise ValueError(f"none of the {total} images could be read ({reasons}"
+                         f"{'; ...' if len(skipped_list) > 5 else ''})")
+    indices = torch.cat([i for i, _, _ in batches])
+    # Rows follow the input order whatever order the loader delivered them in.
+    order = torch.argsort(indices)
+
+    def gather(get: Callable[[Dict[str, Any]], torch.Tensor]) -> torch.Tensor:
+        return torch.cat([get(out) for _, _, out in batches])[order]
+
+    return FeatureResult(
+        names=[name_of(i) for i in indices[order].tolist()],
+        pooled=gather(lambda out: out["pooled"]),
+        patch_tokens=gather(lambda out: out["tokens"]) if patch_tokens else None,
+        intermediates=({layer: gather(lambda out: out["inter"][layer]) for layer in layer_indices}
+                       if layer_indices is not None else None),
+        intermediate_tokens=({layer: gather(lambda out: out["inter_tokens"][layer]) for layer in layer_indices}
+                             if layer_indices is not None and patch_tokens else None),
+        labels=torch.cat([labels for _, labels, _ in batches])[order] if isinstance(inputs, Dataset) else None,
+        skipped=skipped_list, model_name=name, input_size=input_size,
+        dtype=str(autocast_dtype).replace("torch.", ""))
+
+
 # ------------------------------------------------------------------------------------------------------- file i/o
 
 def _versions() -> Dict[str, str]:
@@ -328,7 +401,7 @@ def save_features(result: FeatureResult, path: PathLike, metadata: Optional[Mapp
     """Write `result` to a .safetensors file atomically (a temporary file in the same folder, then a rename).
 
     Tensors: `pooled` (N, D); `patch_tokens` (N, L, D) if present; `layer_{i}` (N, D) and `layer_{i}_tokens`
-    (N, L, D) per intermediate block. Metadata (all JSON strings): `names`, `skipped` (list of {path, reason}),
+    (N, L, D) per intermediate block; `labels` (N,) int64 if present. Metadata (all JSON strings): `names`, `skipped` (list of {path, reason}),
     `model`, `image_size` ([C, H, W]), `dtype`, `layers`, version strings, plus `metadata` (values that are not
     strings are JSON-encoded). The parent folder is created; an existing file is replaced.
     """
@@ -342,6 +415,8 @@ def save_features(result: FeatureResult, path: PathLike, metadata: Optional[Mapp
     for layer, value in (result.intermediate_tokens or {}).items():
         tensors[f"layer_{layer}_tokens"] = value
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    if result.labels is not None:
+        tensors["labels"] = result.labels.detach().to("cpu", torch.int64).contiguous()
     header = dict(result.metadata)
     header.update({
         "format": "flexpredict_zoo.features", "format_version": FORMAT_VERSION,
@@ -375,6 +450,7 @@ def load_features(path: PathLike) -> FeatureResult:
         intermediates={i: tensors[f"layer_{i}"] for i in layers} if layers else None,
         intermediate_tokens=({i: tensors[f"layer_{i}_tokens"] for i in layers}
                              if layers and f"layer_{layers[0]}_tokens" in tensors else None),
+        labels=tensors.get("labels"),
         skipped=[(item["path"], item["reason"]) for item in json.loads(meta.get("skipped", "[]"))],
         model_name=meta.get("model") or None,
         input_size=tuple(json.loads(meta["image_size"])) if meta.get("image_size") not in (None, "[]") else None,
@@ -385,7 +461,9 @@ def load_features(path: PathLike) -> FeatureResult:
 
 def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `flexpredict-zoo extract MODEL PATH... --out FILE.safetensors`."""
-    parser.add_argument("model", metavar="MODEL", help="timm model name, e.g. flexpredict_vit_b16")
+    parser.add_argument("model", metavar="MODEL",
+                        help="model name (e.g. flexpredict_vit_b16; any timm name), training run folder, checkpoint "
+                             "file, exported folder, hf-hub:ORG/NAME or local-dir:DIR")
     parser.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="output file (parent is created)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -397,10 +475,14 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--patch-tokens", action="store_true", help="also store the (N, L, D) patch tokens")
     parser.add_argument("--layers", type=int, nargs="+", default=None, metavar="I",
-                        help="also store the mean-pooled output of these blocks (0-based, negative from the end)")
+                        help="also store these blocks' outputs, final-normed and mean-pooled (0-based, negative "
+                             "from the end; the paper's last-4 probe is --layers -4 -3 -2 -1)")
+    parser.add_argument("--encoder", choices=["target", "context"], default=None,
+                        help="for checkpoints holding both: the EMA target encoder (default, as the paper) or the "
+                             "context one")
     parser.add_argument("--no-pretrained", action="store_true", help="random weights (for testing a pipeline)")
     parser.add_argument("--checkpoint", default=None, metavar="FILE",
-                        help="local weights (official checkpoint, safetensors or converted folder) instead of the Hub")
+                        help="weights for the model name MODEL (official checkpoint, safetensors or converted folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -413,18 +495,13 @@ def run_extract(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     if args.checkpoint and args.no_pretrained:
         raise ValueError("--checkpoint and --no-pretrained contradict each other; pass one of them")
-    model_kwargs = {}
-    if args.checkpoint:
-        if not Path(args.checkpoint).exists():
-            raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
-        model_kwargs["pretrained_cfg_overlay"] = dict(file=str(args.checkpoint))
     out.parent.mkdir(parents=True, exist_ok=True)
     # One folder: names relative to it, as in the API; several paths: names as given.
     inputs = args.paths[0] if len(args.paths) == 1 else args.paths
     result = extract_features(
         args.model, inputs, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
         patch_tokens=args.patch_tokens, layers=args.layers, pretrained=not args.no_pretrained, dtype=args.dtype,
-        progress=not args.no_progress, model_kwargs=model_kwargs)
+        progress=not args.no_progress, weights=args.checkpoint, encoder=args.encoder)
     extra = {"weights": str(args.checkpoint) if args.checkpoint else ("none" if args.no_pretrained else "pretrained")}
     save_features(result, out, extra)
     shape = "x".join(str(s) for s in result.pooled.shape)
@@ -434,4 +511,3 @@ def run_extract(args: argparse.Namespace) -> int:
     for name, reason in result.skipped:
         print(f"  skipped {name}: {reason}")
     return 0
-

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 from .manifest import load_manifest
 
@@ -99,8 +99,26 @@ def _model_section(name: str, entry: Mapping[str, Any]) -> List[str]:
     return out
 
 
+# One label per manifest.EVALUATION_REPRESENTATIONS entry, in its order.
 REPRESENTATION_LABELS = {"pretrained": "FlexPredict (pretrained)", "random_init": "same encoder, random init",
                          "pixels": "raw pixels"}
+
+
+def _training_sentence(name: str, training: Mapping[str, Any]) -> str:
+    """One sentence from a manifest `training` record (keys: manifest.TRAINING_KEYS; optional ones when present)."""
+    recipe = f" with `{training['recipe']}`" if training.get("recipe") else ""
+    processes = f" over {training['world_size']} processes" if training.get("world_size", 1) != 1 else ""
+    predictor = "".join(
+        [f", positional noise std {training['noise_std']:g}" if "noise_std" in training else "",
+         f", predictor depth {training['predictor_depth']}" if "predictor_depth" in training else ""])
+    minutes, hardware = training.get("wall_time_min"), training.get("hardware")
+    where = (f", {minutes:.0f} minutes on {hardware}" if minutes is not None and hardware else
+             f", {minutes:.0f} minutes" if minutes is not None else f", on {hardware}" if hardware else "")
+    reproduce = f" Reproduce: `{training['command']}`." if training.get("command") else ""
+    return (f"`{name}` was trained by `flexpredict-train`{recipe} on {training['dataset']}: "
+            f"{training['iterations']} iterations ({training['epochs']} epochs), batch {training['batch_size']}"
+            f"{processes}, seed {training['seed']}{predictor}{where}, final loss {training['final_loss']:.4f}."
+            f"{reproduce}")
 
 
 def _trained_here(name: str, weights: Mapping[str, Any]) -> List[str]:
@@ -108,11 +126,7 @@ def _trained_here(name: str, weights: Mapping[str, Any]) -> List[str]:
     out: List[str] = []
     training = weights.get("training")
     if training:
-        out += [f"`{name}.{weights['tag']}` was trained by `flexpredict-train` with `{training['recipe']}` on "
-                f"{training['dataset']}: {training['iterations']} iterations ({training['epochs']} epochs), batch "
-                f"{training['batch_size']}, seed {training['seed']}, {training['wall_time_min']:.0f} minutes on "
-                f"{training['hardware']}, final loss {training['final_loss']:.4f}. Reproduce: "
-                f"`{training['command']}`.", ""]
+        out += [_training_sentence(f"{name}.{weights['tag']}", training), ""]
     evaluation = weights.get("evaluation")
     if evaluation:
         out += [f"Measured by this package ({evaluation['protocol']}; `{evaluation['command']}`), top-1 in percent, "

@@ -166,3 +166,27 @@ def test_console_process_has_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown FlexPredict model 'vit_b16'") and "Traceback" not in proc.stderr
+
+
+MISSING_FILE_COMMANDS = [  # (argv with {m} for a path that does not exist, the start of the one error line)
+    (["convert", "{m}/vit-b16.pth.tar", "--out", "{t}/out"], "error: weight file {m}/vit-b16.pth.tar does not exist"),
+    (["push", "{m}/export", "--repo-id", "me/x"], "error: {m}/export is not a converted model folder"),
+    (["extract", "flexpredict_vit_m4_32", "{m}/images", "--out", "{t}/f.safetensors", "--no-pretrained"],
+     "error: input path '{m}/images' does not exist"),
+    (["extract", "{m}/run", "{t}/images", "--out", "{t}/f.safetensors"], "error: {m}/run does not exist"),
+    (["extract", "flexpredict_vit_m4_32", "{t}/images", "--out", "{t}/f.safetensors", "--checkpoint",
+      "{m}/w.safetensors"], "error: weight file {m}/w.safetensors does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", MISSING_FILE_COMMANDS, ids=lambda v: v[0] if isinstance(v, list) else "")
+def test_every_command_answers_a_missing_file_with_one_error_line(capsys, tmp_path, argv, expected):
+    from PIL import Image
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "images" / "a.png")
+    missing = tmp_path / "missing"
+    fill = dict(m=str(missing), t=str(tmp_path))
+    code, out, err = run(capsys, *[a.format(**fill) for a in argv])
+    assert code == 2 and out == ""
+    assert err.startswith(expected.format(**fill)) and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "f.safetensors").exists()

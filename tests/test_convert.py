@@ -38,7 +38,7 @@ def test_folder_contents_and_metadata(converted):
     assert config["num_classes"] == 0 and config["num_features"] == 192
     for source_key in ("file", "hf_hub_id", "hf_hub_filename", "custom_load", "url"):
         assert source_key not in config["pretrained_cfg"]
-    assert metadata["encoder"] == "target_encoder"
+    assert metadata["encoder"] == config["encoder"] == "target_encoder"
     assert metadata["source_file"] == path.name
     assert metadata["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
@@ -83,8 +83,8 @@ def test_hf_hub_name_from_local_cache(converted, hf_cache):
 def test_context_encoder(tmp_path, official_checkpoint):
     path, ckpt = official_checkpoint
     out = convert_checkpoint(path, tmp_path / "ctx", encoder="context")
-    _, metadata = read_export(out)
-    assert metadata["encoder"] == "encoder"
+    config, metadata = read_export(out)
+    assert metadata["encoder"] == config["encoder"] == "encoder"
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         norm = f.get_tensor("norm.weight")
     assert torch.equal(norm, ckpt["encoder"]["module.norm.weight"])
@@ -173,6 +173,7 @@ def test_config_of_released_model_carries_tag_metadata():
     cfg = config["pretrained_cfg"]
     assert cfg["license"] == "cc-by-nc-4.0"
     assert "context encoder" in cfg["description"]
-    assert cfg["notes"] == ["encoder=encoder"]
+    assert config["encoder"] == "encoder"  # a key of its own
+    assert not any(str(note).startswith("encoder=") for note in cfg.get("notes", []))
     assert config["num_features"] == 64
     assert "hf_hub_id" not in cfg and "hf_hub_filename" not in cfg

@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import RUN_ARCH, reference_encoder, write_run
+from flexpredict_zoo.checkpoints import CheckpointError
+from flexpredict_zoo.encoders import load_encoder
 from flexpredict_zoo.train import demo, export
-from test_export import TINY, write_run  # a tiny flexpredict-train run folder
 
 
 def run_cli(argv):
@@ -19,7 +21,7 @@ def run_cli(argv):
 
 
 def test_demo_end_to_end_on_a_run_checkpoint(tmp_path, capsys):
-    run_dir = write_run(tmp_path / "run", TINY, seed=5)  # seed 0 would equal the demo's seeded random init
+    run_dir = write_run(tmp_path / "run", RUN_ARCH, seed=5)  # seed 0 would equal the demo's seeded random init
     out = tmp_path / "demo_out"
     assert run_cli(["--checkpoint", str(run_dir), "--out", str(out), "--draws", "2", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
@@ -52,7 +54,7 @@ def test_demo_end_to_end_on_a_run_checkpoint(tmp_path, capsys):
 
 
 def test_demo_from_an_export_rebuilds_the_same_random_architecture(tmp_path):
-    run_dir = write_run(tmp_path / "run", TINY)
+    run_dir = write_run(tmp_path / "run", RUN_ARCH)
     exported = export.export_run(run_dir, tmp_path / "export")
     pretrained, random_init, name = demo.load_models(checkpoint=str(exported), seed=3)
     assert pretrained.embed_dim == random_init.embed_dim == 32 and len(random_init.blocks) == 2
@@ -60,17 +62,17 @@ def test_demo_from_an_export_rebuilds_the_same_random_architecture(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(random_init.state_dict().values(), again.state_dict().values()))
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(pretrained(x), export.load_run_encoder(run_dir)(x))
+        assert torch.equal(pretrained(x), reference_encoder(run_dir)(x))
 
 
 def test_patch_pca_is_an_rgb_map_per_patch(tmp_path):
-    model = export.load_run_encoder(write_run(tmp_path / "run", TINY))
+    model = load_encoder(write_run(tmp_path / "run", RUN_ARCH))
     rgb = demo.patch_pca_rgb(model, torch.randn(4, 3, 32, 32))
     assert rgb.shape == (4, 8, 8, 3) and float(rgb.min()) == 0.0 and float(rgb.max()) == 1.0
 
 
 def test_missing_pretrained_weights_say_to_pass_a_checkpoint():
-    with pytest.raises(SystemExit, match="--checkpoint"):
+    with pytest.raises(CheckpointError, match="no weights tagged 'no_such_weights'.*pass --checkpoint RUN_DIR"):
         demo.load_models("flexpredict_vit_m4_32.no_such_weights")
 
 

@@ -100,7 +100,7 @@ def test_pooled_features_last_and_last4_match_the_model():
         pooled_features(model, x, "all")
 
 
-def test_extract_batches_skips_unreadable_and_keeps_labels(tmp_path):
+def test_extract_batches_skips_unreadable_and_keeps_labels(tmp_path, caplog):
     model = tiny_model()
     ds = SyntheticDataset(10, img_size=32, num_classes=3)
     feats, labels = extract(model, ds, "last", batch_size=4)
@@ -115,10 +115,16 @@ def test_extract_batches_skips_unreadable_and_keeps_labels(tmp_path):
     folder = ImageFolderDataset(tmp_path, transform=evaluate.eval_transform(32))
     feats, labels = extract(model, folder, "last4", batch_size=2)
     assert feats.shape == (2, 128) and labels.tolist() == [0, 1]
+    # named once, the way every extraction names it
+    broken = tmp_path / "b" / "broken.png"
+    assert caplog.text.count(f"skipped unreadable image {broken}: UnidentifiedImageError") == 1
+    with torch.no_grad():
+        images = torch.stack([folder[0][0], folder[2][0]])
+        assert torch.allclose(feats, pooled_features(model, images, "last4"), atol=1e-5)
 
 
 def test_eval_cli_on_digits_with_a_run_checkpoint(tmp_path, capsys):
-    from test_export import write_run  # a tiny flexpredict-train run folder
+    from conftest import write_run  # a tiny flexpredict-train run folder
     run_dir = write_run(tmp_path / "run", TINY)
     parser = evaluate.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["knn", "--checkpoint", str(run_dir), "--data", "digits", "--layers", "last4"])

@@ -10,11 +10,13 @@ import timm
 import torch
 from PIL import Image
 from safetensors import safe_open
-from timm.data import create_transform, resolve_data_config
+from torchvision import transforms
 
 import flexpredict_zoo  # noqa: F401  (registers the models)
-from flexpredict_zoo.features import (FeatureResult, add_extract_arguments, extract_features, find_images,
-                                      load_features, run_extract, save_features)
+from flexpredict_zoo.features import (IMAGE_EXTENSIONS, FeatureResult, add_extract_arguments, eval_transform,
+                                      extract_features, find_images, load_features, model_eval_transform,
+                                      run_extract, save_features)
+from flexpredict_zoo.manifest import UnknownModelError
 
 TINY = dict(depth=2, img_size=64)
 GOOD = ["a.png", "b.jpg", "sub/c.jpeg", "sub/deeper/d.PNG"]
@@ -49,10 +51,37 @@ def image_dir(tmp_path_factory):
     return root
 
 
+def _reference_transform(size: int):
+    """The official evaluation preprocessing, built by hand: short side to `size`, centre crop, ImageNet stats."""
+    return transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
+                               transforms.CenterCrop(size), transforms.ToTensor(),
+                               transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
 def _reference_pooled(model, path) -> torch.Tensor:
-    transform = create_transform(**dict(resolve_data_config({}, model=model), input_size=(3, 64, 64)))
     with torch.inference_mode():
-        return model(transform(Image.open(path).convert("RGB")).unsqueeze(0))[0]
+        return model(_reference_transform(64)(Image.open(path).convert("RGB")).unsqueeze(0))[0]
+
+
+def _blocks_by_hand(model, images):
+    """Every block's output run by hand (patch_embed, fixed position embedding, blocks), and the final norm."""
+    x = model.patch_embed(images) + model.pos_embed
+    outputs = []
+    for block in model.blocks:
+        x = block(x)
+        outputs.append(x)
+    return outputs, model.norm
+
+
+def test_eval_transform_is_the_official_one(image_dir):
+    transform, input_size = model_eval_transform(timm.create_model("flexpredict_vit_ti16", img_size=64))
+    assert input_size == (3, 64, 64)
+    for name in GOOD:
+        image = Image.open(image_dir / name).convert("RGB")
+        torch.testing.assert_close(transform(image), _reference_transform(64)(image), atol=0, rtol=0)
+    # the training package uses this same transform and image-extension list
+    from flexpredict_zoo.train import data
+    assert data.eval_transform is eval_transform and data.IMG_EXTENSIONS is IMAGE_EXTENSIONS
 
 
 def test_folder_names_rows_and_values(model, image_dir):
@@ -87,17 +116,43 @@ def test_patch_tokens_and_intermediates(model, image_dir):
     assert result.intermediates[0].shape == (n, model.embed_dim)
     assert result.intermediate_tokens[1].shape == (n, grid, model.embed_dim)
 
-    transform = create_transform(**dict(resolve_data_config({}, model=model), input_size=(3, 64, 64)))
-    batch = torch.stack([transform(Image.open(image_dir / name).convert("RGB")) for name in result.names])
+    batch = torch.stack([_reference_transform(64)(Image.open(image_dir / name).convert("RGB"))
+                         for name in result.names])
     with torch.inference_mode():
-        final, blocks = model.forward_intermediates(batch, indices=[0, 1], output_fmt="NLC")
-        torch.testing.assert_close(result.patch_tokens, model.forward_features(batch), atol=1e-5, rtol=0)
-    torch.testing.assert_close(result.pooled, final.mean(dim=1), atol=1e-5, rtol=0)
-    for layer, tokens in zip([0, 1], blocks):
-        torch.testing.assert_close(result.intermediate_tokens[layer], tokens, atol=1e-5, rtol=0)
-        torch.testing.assert_close(result.intermediates[layer], tokens.mean(dim=1), atol=1e-5, rtol=0)
-    # The last block's tokens, final-normed, are the patch tokens.
-    torch.testing.assert_close(model.norm(result.intermediate_tokens[1]), result.patch_tokens, atol=1e-5, rtol=0)
+        blocks, norm = _blocks_by_hand(model, batch)
+        normed_blocks = [norm(b) for b in blocks]
+    expected_tokens = normed_blocks[-1]
+    torch.testing.assert_close(result.patch_tokens, expected_tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.pooled, expected_tokens.mean(dim=1), atol=1e-5, rtol=0)
+    for layer in (0, 1):  # "layers" are block outputs through the final norm (the paper's last-4 probe)
+        normed = normed_blocks[layer]
+        torch.testing.assert_close(result.intermediate_tokens[layer], normed, atol=1e-5, rtol=0)
+        torch.testing.assert_close(result.intermediates[layer], normed.mean(dim=1), atol=1e-5, rtol=0)
+    assert (result.intermediates[0] - result.pooled).abs().max() > 1e-2  # block 0 is not the last block
+    # so the last block's entry is the pooled output itself
+    torch.testing.assert_close(result.intermediates[1], result.pooled, atol=1e-5, rtol=0)
+
+
+def test_dataset_of_image_label_items(model, image_dir, caplog):
+    """A Dataset of (PIL image or tensor, label) items, with an unreadable one: rows, labels and the skip."""
+    from flexpredict_zoo.features import UnreadableImage, read_image
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            if i == 2:
+                return UnreadableImage("bad.jpg", "OSError: truncated")
+            image = read_image(image_dir / GOOD[i])
+            return (image if i != 3 else _reference_transform(64)(image)), 10 + i
+
+    result = extract_features(model, Items(), batch_size=3, device="cpu")
+    assert result.names == ["0", "1", "3"] and result.labels.tolist() == [10, 11, 13]
+    assert result.skipped == [("bad.jpg", "OSError: truncated")]
+    assert caplog.text.count("skipped unreadable image bad.jpg: OSError: truncated") == 1
+    for row, i in enumerate((0, 1, 3)):
+        torch.testing.assert_close(result.pooled[row], _reference_pooled(model, image_dir / GOOD[i]), atol=1e-5, rtol=0)
 
 
 def test_workers_give_the_same_result(model, image_dir):
@@ -134,7 +189,7 @@ def test_errors_say_what_to_do(model, tmp_path, image_dir):
         extract_features(model, tmp_path / "missing", device="cpu")
     with pytest.raises(ValueError, match="none of the 1 images could be read"):
         extract_features(model, [image_dir / "notes.jpg"], device="cpu")
-    with pytest.raises(ValueError, match="Did you mean flexpredict_vit_b16"):
+    with pytest.raises(UnknownModelError, match="Did you mean flexpredict_vit_b16"):
         extract_features("flexpredict_vit_b61", image_dir, pretrained=False, device="cpu")
     with pytest.raises(ValueError, match="out of range: the model has 2 blocks"):
         extract_features(model, image_dir, device="cpu", layers=[2])
@@ -187,3 +242,20 @@ def test_run_extract_writes_file_with_metadata(image_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="contradict"):
         run_extract(_parse("flexpredict_vit_m4_32", str(image_dir), "--out", str(tmp_path / "y.safetensors"),
                            "--no-pretrained", "--checkpoint", str(out)))
+
+
+def test_run_extract_on_a_training_run_folder(image_dir, tmp_path, capsys):
+    """`flexpredict-zoo extract RUN_DIR ...`: the one loader takes run folders; the features are the run's EMA
+    target encoder's (`--encoder context` the other one)."""
+    from conftest import reference_encoder, write_run
+    run_dir = write_run(tmp_path / "run")
+    for encoder, key in (("target", "target_encoder"), ("context", "encoder")):
+        out = tmp_path / f"{encoder}.safetensors"
+        assert run_extract(_parse(str(run_dir), str(image_dir / "a.png"), "--out", str(out), "--workers", "0",
+                                  "--device", "cpu", "--no-progress", "--encoder", encoder)) == 0
+        expected = reference_encoder(run_dir, key)
+        with torch.inference_mode():
+            reference = expected(_reference_transform(32)(Image.open(image_dir / "a.png").convert("RGB"))[None])
+        loaded = load_features(out)
+        torch.testing.assert_close(loaded.pooled, reference, atol=1e-5, rtol=0)
+        assert loaded.model_name == "flexpredict_vit_m4_32 (run)"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
+
+from flexpredict_zoo.cli import CommandUnavailableError, parse_or_exit_code, run_command
 
 # subcommand -> module of flexpredict_zoo.train providing add_arguments(parser) and run(args) -> int.
 # Imported lazily, so a missing optional piece only breaks its own subcommand.
@@ -42,31 +44,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="overrides, e.g. data.root=/data/imagenet optim.lr_peak=1e-3 run.max_steps=100")
 
 
-def _config_error(prog: str, error: Exception) -> int:
-    print(f"{prog}: config error: {error}", file=sys.stderr)
-    return 2
+def _user_errors() -> tuple:
+    """The training package's errors written for users, beside the zoo's own (flexpredict_zoo.cli.USER_ERRORS;
+    config errors are ValueErrors). Imported only once something has failed."""
+    from .engine import NonFiniteLossError, UnreadableDataError
+    from .masks import MaskSamplingError
+    from .run_checkpoint import ResumeError
+    return (ResumeError, UnreadableDataError, NonFiniteLossError, MaskSamplingError)
 
 
-def _train(argv: List[str]) -> int:
-    from .config import ConfigError, load_config
-    args = build_train_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        return _config_error(PROG, e)
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
         import yaml
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from .engine import NonFiniteLossError, UnreadableDataError, train
-    from .run_checkpoint import ResumeError
-    try:
-        summary = train(cfg)
-    except ConfigError as e:
-        return _config_error(PROG, e)
-    except (NonFiniteLossError, UnreadableDataError, ResumeError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    from .engine import train
+    summary = train(cfg)
     loss = summary["final_loss"]
     print(f"trained {summary['iterations']} iterations ({summary['steps_this_run']} in this run), final loss "
           f"{loss:.5f}" if loss is not None else f"nothing to do: the run is already at iteration "
@@ -75,22 +70,32 @@ def _train(argv: List[str]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _subcommand(name: str) -> Tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]:
+    """(parser, run) of a subcommand, importing its module now: a missing optional piece breaks only its own."""
+    module_name, help_ = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(f"{__package__}.{module_name}")
+    except ImportError as e:
+        raise CommandUnavailableError(f"{PROG} {name} is not available ({e}); install what it needs: "
+                                      f"pip install 'flexpredict-zoo[train]'") from e
+    parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=help_)
+    module.add_arguments(parser)
+    return parser, module.run
+
+
+def _dispatch(argv: List[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
-        name, rest = argv[0], argv[1:]
-        module_name, help_ = SUBCOMMANDS[name]
-        try:
-            module = importlib.import_module(f"{__package__}.{module_name}")
-        except ImportError as e:
-            print(f"{PROG} {name}: not available ({e})", file=sys.stderr)
-            return 1
-        parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=help_)
-        module.add_arguments(parser)
-        return int(module.run(parser.parse_args(rest)) or 0)
-    if argv and argv[0] == "train":
-        argv = argv[1:]
-    return _train(argv)
+        (parser, run), rest = _subcommand(argv[0]), argv[1:]
+    else:
+        parser, run, rest = build_train_parser(), _train, argv[1:] if argv and argv[0] == "train" else argv
+    args = parse_or_exit_code(parser, rest)
+    return args if isinstance(args, int) else int(run(args) or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Every command, training included, answers a user error with one `error: ...` line and exit code 2
+    (flexpredict_zoo.cli.run_command, shared with flexpredict-zoo)."""
+    return run_command(_dispatch, list(sys.argv[1:] if argv is None else argv), _user_errors)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image, ImageDraw
 
+from flexpredict_zoo.features import encode_batch
+
 from .evaluate import KNN_K, evaluate_features, eval_datasets, extract
 
 DEFAULT_MODEL = "flexpredict_vit_m4_32.digits_stop"
@@ -27,41 +29,23 @@ GOOD, BAD = (40, 170, 60), (210, 40, 40)
 
 # ----------------------------------------------------------------------------------------------- models
 def load_models(model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None, seed: int = 0):
-    """(pretrained encoder, the same architecture at random initialisation (seeded), a name for the table)."""
-    import timm
-    import flexpredict_zoo  # noqa: F401  (registers the models)
-    from flexpredict_zoo.checkpoints import SAFETENSORS_NAME
-    from flexpredict_zoo.manifest import UnknownModelError, split_name
-    from .export import CONFIG_NAME, architecture_kwargs, load_run_encoder, read_run_checkpoint
+    """(pretrained encoder, the same architecture at random initialisation (seeded), a name for the table).
+    `checkpoint` (instead of `model`): anything `flexpredict_zoo.encoders.load_encoder` takes."""
+    from flexpredict_zoo.checkpoints import CheckpointError
+    from flexpredict_zoo.encoders import resolve_encoder
+    from flexpredict_zoo.manifest import UnknownModelError
 
-    if checkpoint:
-        path = Path(checkpoint).expanduser()
-        exported = path if path.is_dir() else path.parent
-        if path.suffix == ".safetensors" or (path.is_dir() and (path / SAFETENSORS_NAME).is_file()):
-            if (exported / CONFIG_NAME).is_file():
-                config = json.loads((exported / CONFIG_NAME).read_text())
-                arch, kwargs = config["architecture"], config.get("model_args") or {}
-                pretrained = load_run_encoder(path)
-            else:  # a bare weight file: the architecture is --model
-                arch, kwargs = split_name(model)[0], {}
-                pretrained = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-        else:
-            _, ckpt = read_run_checkpoint(path)
-            arch, kwargs = ckpt["model_name"], architecture_kwargs(ckpt.get("model_kwargs"))
-            pretrained = load_run_encoder(path)
-        name = f"{arch} ({path.name})"
-    else:
-        arch, kwargs, name = split_name(model)[0], {}, model
-        try:
-            pretrained = timm.create_model(model, pretrained=True)
-        except (UnknownModelError, RuntimeError) as e:
-            raise SystemExit(
-                f"cannot load {model} with pretrained weights ({e}).\nThe demo needs pretrained weights: pass "
-                f"--checkpoint RUN_DIR (a folder written by `flexpredict-train --config ...`), a checkpoint file, or "
-                f"a folder written by `flexpredict-train export`.") from e
+    try:
+        loaded = resolve_encoder(checkpoint or model)
+    except (UnknownModelError, CheckpointError) as e:
+        if checkpoint:
+            raise
+        raise CheckpointError(
+            f"cannot load {model} with pretrained weights ({e}). The demo needs pretrained weights: pass "
+            f"--checkpoint RUN_DIR (a folder written by `flexpredict-train --config ...`), a checkpoint file, or "
+            f"a folder written by `flexpredict-train export`.") from e
     torch.manual_seed(seed)
-    random_init = timm.create_model(arch, pretrained=False, **kwargs)
-    return pretrained.eval(), random_init.eval(), name
+    return loaded.model, loaded.random_init(), loaded.description
 
 
 # ----------------------------------------------------------------------------------------------- pictures
@@ -79,7 +63,7 @@ def _digit_tile(pixels: torch.Tensor, size: int) -> Image.Image:
 def patch_pca_rgb(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, rows, cols, 3) in [0, 1]: the first 3 principal components of all the images' patch features
     (fitted jointly, so colours are comparable across images), each scaled by its 1st-99th percentiles."""
-    tokens = model.forward_features(images).float()  # (B, N, D), final-normed, no class token
+    tokens = encode_batch(model, images, patch_tokens=True)["tokens"]  # (B, N, D), final-normed, no class token
     B, N, D = tokens.shape
     rows, cols = model.patch_embed.grid_size
     flat = tokens.reshape(B * N, D)
@@ -205,8 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                           "against random initialisation and raw pixels, plus pictures of its features.")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="zoo model with pretrained weights (default: %(default)s)")
-    parser.add_argument("--checkpoint", help="use this instead: run folder, checkpoint file, exported folder or "
-                                             "safetensors file (with --model naming its architecture)")
+    parser.add_argument("--checkpoint", help="use this instead: run folder, checkpoint file, exported folder, "
+                                             "hf-hub:ORG/NAME or local-dir:DIR")
     parser.add_argument("--out", default="demo_out", help="folder for the pictures and results.json")
     parser.add_argument("--layers", choices=("last", "last4"), default="last")
     parser.add_argument("--shots", type=int, default=5)

@@ -1,8 +1,9 @@
 """Frozen-feature evaluation of an encoder: k-NN, linear probe and few-shot top-1; `flexpredict-train eval`.
 
-Features are the encoder's mean-pooled tokens after the final LayerNorm: of the last layer (`layers="last"`),
-or of each of the last 4 layers concatenated (`layers="last4"`, the paper's second linear-probe number; each
-layer goes through the final norm, as DINO's `get_intermediate_layers` and timm's `forward_intermediates(norm=True)`).
+Features come from the zoo's one extractor (`flexpredict_zoo.features.extract_features`): the encoder's
+mean-pooled tokens after the final LayerNorm, of the last layer (`layers="last"`), or of each of the last 4
+layers concatenated (`layers="last4"`, the paper's second linear-probe number; each layer goes through the final
+norm, as DINOv2's `get_intermediate_layers(norm=True)`).
 
     feats_train, y_train = extract(model, DigitsDataset("train"))
     feats_test, y_test = extract(model, DigitsDataset("heldout"))
@@ -14,13 +15,16 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .data import DigitsDataset, ImageFolderDataset, eval_transform, filter_unreadable
+from flexpredict_zoo.features import (encode_batch, eval_transform, extract_features, model_data_config,
+                                      normalise_layers)
+
+from .data import DigitsDataset, ImageFolderDataset
 
 log = logging.getLogger(__name__)
 LAYERS = ("last", "last4")
@@ -32,59 +36,35 @@ SMALL_PROBLEM = 1 << 22  # features x samples below which the linear probe runs 
 
 
 # ----------------------------------------------------------------------------------------------- features
-def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: str = "last") -> torch.Tensor:
-    """(B, D) for "last", (B, 4 D) for "last4": token means of final-normed outputs (no class token here)."""
-    if layers == "last":
-        return model.forward_head(model.forward_features(images), pre_logits=True)
-    if layers == "last4":
-        outs = model.forward_intermediates(images, indices=4, norm=True, intermediates_only=True, output_fmt="NLC")
-        prefix = getattr(model, "num_prefix_tokens", 0)
-        return torch.cat([o[:, prefix:].mean(dim=1) for o in outs], dim=1)
-    raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}")
-
-
-def _collate_readable(batch):
-    good, bad = filter_unreadable(batch)
-    for b in bad:
-        log.warning("skipped unreadable image %s (%s)", b.path, b.error)
-    if not good:
-        return None, len(bad)
-    return torch.utils.data.default_collate(good), len(bad)
-
-
-@torch.inference_mode()
-def extract(model: torch.nn.Module, data: Union[Dataset, DataLoader], layers: str = "last",
-            device: Union[str, torch.device, None] = None, batch_size: int = 256,
-            num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (N, D) float32 on the CPU and labels (N,) of a dataset or loader of (image, label) items.
-    Unreadable images (UnreadableImage items) are skipped and logged by name."""
+def layer_indices(layers: str) -> Optional[List[int]]:
+    """The blocks whose final-normed outputs make the features: None for "last" (the pooled output), the last
+    four for "last4"."""
     if layers not in LAYERS:
         raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}")
-    device = torch.device(device or next(model.parameters()).device)
-    was_training = model.training
-    model.eval().to(device)
-    if isinstance(data, DataLoader):
-        batches = ((batch, 0) for batch in data)
-    else:
-        batches = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                             collate_fn=_collate_readable)
-    feats, labels, skipped = [], [], 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for batch, n_bad in batches:
-        skipped += n_bad
-        if batch is None:
-            continue
-        images, targets = batch[0], batch[1]
-        with autocast:
-            out = pooled_features(model, images.to(device, non_blocking=True), layers)
-        feats.append(out.float().cpu())
-        labels.append(torch.as_tensor(targets))
-    model.train(was_training)
-    if not feats:
-        raise RuntimeError("no readable images to extract features from")
-    if skipped:
-        log.warning("skipped %d unreadable images", skipped)
-    return torch.cat(feats), torch.cat(labels).long()
+    return None if layers == "last" else [-4, -3, -2, -1]
+
+
+def _layer_features(pooled: torch.Tensor, intermediates: Optional[Dict[int, torch.Tensor]],
+                    blocks: Optional[List[int]]) -> torch.Tensor:
+    return pooled if blocks is None else torch.cat([intermediates[i] for i in sorted(intermediates)], dim=1)
+
+
+def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: str = "last") -> torch.Tensor:
+    """(B, D) for "last", (B, 4 D) for "last4", of one batch (float32, on the CPU)."""
+    blocks = normalise_layers(layer_indices(layers), model)
+    out = encode_batch(model, images, layers=blocks)
+    return _layer_features(out["pooled"], out.get("inter"), blocks)
+
+
+def extract(model: torch.nn.Module, data: Dataset, layers: str = "last",
+            device: Union[str, torch.device, None] = None, batch_size: int = 256,
+            num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (N, D) float32 on the CPU and labels (N,) of a dataset of (image, label) items, through
+    the zoo's extractor (unreadable images are skipped and named there). `device`: default the model's."""
+    blocks = layer_indices(layers)
+    result = extract_features(model, data, batch_size=batch_size, device=device or next(model.parameters()).device,
+                              num_workers=num_workers, layers=blocks)
+    return _layer_features(result.pooled, result.intermediates, blocks), result.labels
 
 
 # ----------------------------------------------------------------------------------------------- classifiers
@@ -167,20 +147,12 @@ def evaluate_features(train_features, train_labels, test_features, test_labels, 
 
 
 # ----------------------------------------------------------------------------------------------- datasets
-def model_input(model: torch.nn.Module) -> Tuple[int, Tuple[float, ...], Tuple[float, ...], str]:
-    """(image size, mean, std, interpolation) the encoder expects."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = model.patch_embed.img_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    return (size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-            cfg.get("interpolation", "bilinear"))
-
-
 def eval_datasets(model: torch.nn.Module, data: str, train_dir: Optional[str] = None,
                   val_dir: Optional[str] = None) -> Tuple[Dataset, Dataset]:
     """(train, evaluation) datasets preprocessed for `model`: "digits" (1,297 / 500 held-out) or an image folder
     holding train/ and val/ (or explicit --train-dir / --val-dir)."""
-    size, mean, std, interpolation = model_input(model)
+    config = model_data_config(model)
+    size, mean, std = int(config["input_size"][-1]), tuple(config["mean"]), tuple(config["std"])
     if data == "digits":
         return (DigitsDataset("train", img_size=size, mean=mean, std=std),
                 DigitsDataset("heldout", img_size=size, mean=mean, std=std))
@@ -191,7 +163,8 @@ def eval_datasets(model: torch.nn.Module, data: str, train_dir: Optional[str] = 
         if path is None or not path.is_dir():
             raise FileNotFoundError(f"{what} folder {path} not found: pass --data digits, a folder holding train/ "
                                     f"and val/ class folders, or --train-dir and --val-dir")
-    tf = eval_transform(size, mean, std, interpolation)
+    tf = eval_transform(tuple(config["input_size"][1:]), mean, std, config["interpolation"], config["crop_pct"],
+                        config.get("crop_mode") or "center")
     train, val = ImageFolderDataset(train_path, tf), ImageFolderDataset(val_path, tf)
     if train.classes != val.classes:
         raise ValueError(f"the class folders of {train_path} and {val_path} differ: "
@@ -204,14 +177,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = "Evaluate frozen pooled features of an encoder: k-NN or linear-probe top-1."
     parser.add_argument("protocol", choices=("knn", "linear", "fewshot"), help="classifier on frozen features")
     parser.add_argument("--checkpoint", required=True,
-                        help="run folder, checkpoint file, exported folder, or zoo model name "
-                             "(e.g. flexpredict_vit_b16)")
+                        help="run folder, checkpoint file, exported folder, zoo model name (e.g. flexpredict_vit_b16), "
+                             "hf-hub:ORG/NAME or local-dir:DIR")
     parser.add_argument("--data", default="digits", help="'digits' (built in) or a folder holding train/ and val/")
     parser.add_argument("--train-dir", help="training images (class folders), instead of DATA/train")
     parser.add_argument("--val-dir", help="evaluation images (class folders), instead of DATA/val")
     parser.add_argument("--layers", choices=LAYERS, default="last", help="pooled last layer, or last 4 concatenated")
-    parser.add_argument("--encoder", choices=("target", "context"), default="target",
-                        help="for run checkpoints: the EMA target encoder (default, as the paper) or the context one")
+    parser.add_argument("--encoder", choices=("target", "context"), default=None,
+                        help="for checkpoints holding both: the EMA target encoder (default, as the paper) or the "
+                             "context one")
     parser.add_argument("--k", type=int, default=KNN_K, help="neighbours for k-NN")
     parser.add_argument("--shots", type=int, default=5, help="examples per class for fewshot")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -221,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .export import load_encoder
+    from flexpredict_zoo.encoders import load_encoder
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     model = load_encoder(args.checkpoint, args.encoder)

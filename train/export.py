@@ -1,10 +1,12 @@
-"""Load the encoder of a training run, and export it into the zoo format: `flexpredict-train export RUN_DIR --out DIR`.
+"""Export a training run's encoder into the zoo format: `flexpredict-train export RUN_DIR --out DIR`.
 
-DIR receives `model.safetensors` and a timm `config.json` (the format `flexpredict-zoo convert` writes) plus
-`manifest_entry.json`, a ready-made `weights_manifest.json` entry (source, sha256, training record, evaluation).
-The export loads with
+DIR receives `model.safetensors` and a timm `config.json` (written by the zoo's one folder writer,
+`flexpredict_zoo.convert.write_model_folder`, as `flexpredict-zoo convert` does) plus `manifest_entry.json`, a
+ready-made `weights_manifest.json` entry (source, sha256, training record, evaluation) that `manifest.validate`
+accepts and `MODEL_CARD.md` renders. The export loads with
 
     timm.create_model(MODEL_NAME, pretrained=True, pretrained_cfg_overlay=dict(file="DIR/model.safetensors"))
+    flexpredict_zoo.encoders.load_encoder("DIR")
 """
 from __future__ import annotations
 
@@ -12,104 +14,18 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
-
-import torch
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from flexpredict_zoo import manifest
-from flexpredict_zoo.checkpoints import SAFETENSORS_NAME, CheckpointError, load_file, sha256_file
-from flexpredict_zoo.atomic_write import write_folder_atomically
-from flexpredict_zoo.convert import CONFIG_NAME, encoder_key, export_config
+from flexpredict_zoo.checkpoints import SAFETENSORS_NAME, CheckpointError, sha256_file
+from flexpredict_zoo.convert import CONFIG_NAME, write_model_folder
+from flexpredict_zoo.encoders import architecture_kwargs, build_encoder, encoder_key, read_run_checkpoint
 
 PathLike = Union[str, Path]
-LATEST = Path("checkpoints") / "latest.pt"
 ENTRY_NAME = "manifest_entry.json"
-# timm.create_model kwargs that only matter while training; they are not part of an exported architecture.
-_TRAINING_ONLY_KWARGS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate")
+EVALUATION_COMMAND = "flexpredict-train demo --checkpoint RUN_DIR --seed SEED"
 
 
-# ----------------------------------------------------------------------------------------------- loading
-def find_run_checkpoint(path: PathLike) -> Path:
-    """A run folder -> RUN_DIR/checkpoints/latest.pt; a checkpoint file -> itself."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        latest = path / LATEST
-        if not latest.is_file():
-            raise CheckpointError(f"{path} is not a training run folder: {LATEST} is missing. Pass a run folder "
-                                  f"written by `flexpredict-train --config ...` or one of its checkpoint files")
-        return latest
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; pass a run folder or a checkpoint file")
-    return path
-
-
-def read_run_checkpoint(path: PathLike) -> Tuple[Path, Dict[str, Any]]:
-    """(checkpoint file, its dict), read safely (weights_only); raise if it is not a flexpredict-train checkpoint."""
-    ckpt_path = find_run_checkpoint(path)
-    ckpt = load_file(ckpt_path)
-    missing = [k for k in ("model_name", "target_encoder", "encoder") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{ckpt_path} is not a flexpredict-train checkpoint (it lacks {missing}). For an "
-                              f"official StoP checkpoint use `flexpredict-zoo convert`")
-    return ckpt_path, ckpt
-
-
-def architecture_kwargs(model_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The timm.create_model kwargs that define the architecture (training-only ones such as drop_path_rate removed)."""
-    return {k: v for k, v in dict(model_kwargs or {}).items() if k not in _TRAINING_ONLY_KWARGS}
-
-
-def build_encoder(model_name: str, model_kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]):
-    """The zoo model with these weights, through checkpoint_filter_fn (which raises on any mismatch), in eval mode."""
-    import timm
-    from flexpredict_zoo.vision_transformer import checkpoint_filter_fn
-    model = timm.create_model(model_name, pretrained=False, **architecture_kwargs(model_kwargs))
-    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
-    return model.eval()
-
-
-def load_run_encoder(path: PathLike, encoder: str = "target"):
-    """The encoder of a training run (run folder or checkpoint file; "target" = EMA target encoder, "context"),
-    or of an exported/converted folder or its model.safetensors, as an eval-mode timm model."""
-    path = Path(path).expanduser()
-    if path.suffix == ".safetensors" or (path.is_dir() and (path / SAFETENSORS_NAME).is_file()):
-        return load_exported_encoder(path)
-    _, ckpt = read_run_checkpoint(path)
-    return build_encoder(ckpt["model_name"], ckpt.get("model_kwargs") or {}, ckpt[encoder_key(encoder)])
-
-
-def load_exported_encoder(path: PathLike):
-    """A folder written by `export`/`flexpredict-zoo convert` (or its model.safetensors beside config.json)."""
-    import timm
-    path = Path(path).expanduser()
-    folder = path if path.is_dir() else path.parent
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path} is missing: the model name of {path} is unknown. Load it with "
-                              f"timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=...))")
-    config = json.loads(config_path.read_text())
-    weights = path if path.is_file() else folder / SAFETENSORS_NAME
-    model = timm.create_model(config["architecture"], pretrained=True, **(config.get("model_args") or {}),
-                              pretrained_cfg_overlay=dict(file=str(weights)))
-    return model.eval()
-
-
-def load_encoder(spec: str, encoder: str = "target"):
-    """What `--checkpoint` names: an existing path (run folder, checkpoint, export), a zoo model name
-    (e.g. flexpredict_vit_b16) or a timm `hf-hub:ORG/NAME` / `local-dir:DIR` export."""
-    import timm
-    import flexpredict_zoo  # noqa: F401  (registers the models)
-    if spec.startswith(("hf-hub:", "local-dir:")):
-        return timm.create_model(spec, pretrained=True).eval()
-    if Path(spec).expanduser().exists():
-        return load_run_encoder(spec, encoder)
-    if "/" in spec or spec.endswith((".pt", ".pth", ".tar", ".safetensors")):
-        raise CheckpointError(f"{spec} does not exist; pass a run folder, a checkpoint file or a zoo model name")
-    manifest.model_entry(spec)  # an unknown name fails here with close matches
-    return timm.create_model(spec, pretrained=True).eval()
-
-
-# ----------------------------------------------------------------------------------------------- export
 def _split_name(name: Optional[str], model_name: str, default_tag: str) -> str:
     if not name:
         tag = default_tag
@@ -123,72 +39,100 @@ def _split_name(name: Optional[str], model_name: str, default_tag: str) -> str:
     return tag
 
 
-def training_record(ckpt: Mapping[str, Any], recipe: Optional[str], hardware: Optional[str]) -> Dict[str, Any]:
-    """How the weights were made, from what the checkpoint records."""
-    config = ckpt.get("config") or {}
-    loss = ckpt.get("loss")
-    record = {
-        "recipe": recipe,
-        "dataset": (config.get("data") or {}).get("dataset"),
-        "iterations": int(ckpt["iteration"]) if ckpt.get("iteration") is not None else None,
-        "epochs": int(ckpt["epoch"]) if ckpt.get("epoch") is not None else None,
-        "final_loss": float(loss) if loss is not None else None,
-        "batch_size_per_process": (config.get("data") or {}).get("batch_size"),
-        "noise_std": (config.get("predictor") or {}).get("noise_std"),
-        "predictor_depth": (config.get("predictor") or {}).get("depth"),
-        "seed": (config.get("run") or {}).get("seed"),
-        "hardware": hardware or ckpt.get("hardware"),
-    }
-    for key in ("train_seconds", "world_size"):
-        if ckpt.get(key) is not None:
-            record[key] = ckpt[key]
-    return {k: v for k, v in record.items() if v is not None}
+def training_record(ckpt: Mapping[str, Any], source: PathLike, recipe: Optional[str] = None,
+                    command: Optional[str] = None, hardware: Optional[str] = None,
+                    wall_time_min: Optional[float] = None) -> Dict[str, Any]:
+    """The manifest `training` record (keys: manifest.TRAINING_KEYS) from what a flexpredict-train checkpoint
+    holds, plus what it cannot know (recipe file, command line, hardware, wall time). Raises CheckpointError
+    naming what the checkpoint lacks."""
+    config, sampler = ckpt.get("config") or {}, ckpt.get("sampler") or {}
+    data, predictor, run = config.get("data") or {}, config.get("predictor") or {}, config.get("run") or {}
+    found = {"iteration": ckpt.get("iteration"), "epoch": ckpt.get("epoch"), "loss": ckpt.get("loss"),
+             "config.data.dataset": data.get("dataset"), "config.data.batch_size": data.get("batch_size"),
+             "config.run.seed": run.get("seed"), "sampler.world_size": sampler.get("world_size")}
+    missing = [key for key, value in found.items() if value is None]
+    if missing:
+        raise CheckpointError(f"{source} does not record {missing}: it was not written by this version of "
+                              f"flexpredict-train, or before its first training step")
+    dataset = str(data["dataset"]) + (f" ({data['root']})" if data.get("root") else "")
+    record: Dict[str, Any] = {
+        "dataset": dataset, "iterations": int(ckpt["iteration"]), "epochs": int(ckpt["epoch"]),
+        "batch_size": int(data["batch_size"]) * int(sampler["world_size"]), "seed": int(run["seed"]),
+        "final_loss": float(ckpt["loss"]), "world_size": int(sampler["world_size"]),
+        "noise_std": predictor.get("noise_std"), "predictor_depth": predictor.get("depth"),
+        "recipe": recipe, "command": command, "hardware": hardware,
+        "wall_time_min": float(wall_time_min) if wall_time_min is not None else None}
+    record = {k: v for k, v in record.items() if v is not None}
+    manifest.validate_training(str(source), record)
+    return record
+
+
+def evaluation_record(demo_results: Sequence[Mapping[str, Any]], shipped_seed: int) -> Dict[str, Any]:
+    """The manifest `evaluation` record from `flexpredict-train demo` results.json records, one per training seed
+    (each demo run on the checkpoint of that seed, with --seed SEED)."""
+    if not demo_results:
+        raise ValueError("no demo results given: pass the results.json of `flexpredict-train demo` for each seed")
+    first = demo_results[0]
+    for record in demo_results:
+        if "results" not in record or "seed" not in record:
+            raise ValueError(f"{sorted(record)[:8]} is not a results.json written by `flexpredict-train demo`")
+        settings = [record.get(k) for k in ("dataset", "layers", "knn_k", "shots", "few_shot_draws")]
+        if settings != [first.get(k) for k in ("dataset", "layers", "knn_k", "shots", "few_shot_draws")]:
+            raise ValueError("the demo results were measured with different settings (dataset, layers, k, shots or "
+                             "draws); measure every seed the same way")
+    seeds = {str(r["seed"]): {rep: {m: float(r["results"][rep][m]) for m in manifest.EVALUATION_METRICS}
+                              for rep in manifest.EVALUATION_REPRESENTATIONS} for r in demo_results}
+    layers = "last-layer" if first.get("layers") == "last" else "last-4-layer"
+    protocol = (f"{first['heldout_images']} held-out images of {first['dataset']}, frozen pooled {layers} features; "
+                f"k-NN k={first['knn_k']} cosine, linear = logistic regression on the {first['train_images']} "
+                f"training images, {first['shots']}-shot = mean of {first['few_shot_draws']} draws; random init and "
+                f"few-shot draws use the same seed as the run")
+    record = {"protocol": protocol, "command": EVALUATION_COMMAND, "shipped_seed": int(shipped_seed), "seeds": seeds}
+    manifest.validate_evaluation("demo results", record)
+    return record
 
 
 def export_run(run: PathLike, out_dir: PathLike, encoder: str = "target", name: Optional[str] = None,
                license: str = "apache-2.0", recipe: Optional[str] = None, hardware: Optional[str] = None,
                evaluation: Optional[Mapping[str, Any]] = None, description: Optional[str] = None,
-               overwrite: bool = False) -> Path:
+               command: Optional[str] = None, wall_time_min: Optional[float] = None,
+               demo_results: Optional[Sequence[Mapping[str, Any]]] = None, overwrite: bool = False) -> Path:
     """Write model.safetensors, config.json and manifest_entry.json for one encoder of a run; return out_dir.
-    All three files appear together or not at all (written in a temporary folder, then moved)."""
-    from safetensors.torch import save_file
-
+    All three files appear together or not at all. `evaluation` is a manifest `evaluation` record; or pass
+    `demo_results` (results.json records of `flexpredict-train demo`, one per training seed) and the record is
+    built from them, the run's seed being the shipped one. The entry is checked with the manifest's own rules
+    before anything is written."""
     ckpt_path, ckpt = read_run_checkpoint(run)
     key = encoder_key(encoder)
     model_name = ckpt["model_name"]
     model_args = architecture_kwargs(ckpt.get("model_kwargs"))
-    model = build_encoder(model_name, model_args, ckpt[key])
+    model = build_encoder(model_name, model_args, ckpt[key], source=ckpt_path)
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     tag = _split_name(name, model_name, re.sub(r"\W", "_", run_dir.resolve().name) or "custom")
-
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", "architecture": model_name, "encoder": key, "source_file": ckpt_path.name,
-                "model_args": json.dumps(model_args)}
-    config = export_config(model, model_name, key)
-    if model_args:  # timm's Hub config: model_args are passed to create_model by `local-dir:`/`hf-hub:` loading
-        config["model_args"] = model_args
+    where = f"{model_name}.{tag}"
+    training = training_record(ckpt, ckpt_path, recipe, command, hardware, wall_time_min)
+    if demo_results is not None:
+        if evaluation is not None:
+            raise ValueError("pass evaluation or demo_results, not both")
+        evaluation = evaluation_record(demo_results, training["seed"])
+    if evaluation is not None:
+        manifest.validate_evaluation(where, dict(evaluation))
+    entry: Dict[str, Any] = {
+        "tag": tag, "encoder": key,
+        "description": description or f"{'EMA target' if key == 'target_encoder' else 'context'} encoder "
+                                      f"trained by flexpredict-train ({run_dir.name})",
+        "source": {"package_file": f"weights/{where}.safetensors"},
+        "sha256": None,  # of model.safetensors, filled in once it is written
+        "license": license, "training": training}
+    if evaluation is not None:
+        entry["evaluation"] = dict(evaluation)
 
     def write_entry(path: Path) -> None:
-        entry = {
-            "tag": tag, "encoder": key,
-            "description": description or f"{'EMA target' if key == 'target_encoder' else 'context'} encoder "
-                                          f"trained by flexpredict-train ({run_dir.name})",
-            "source": {"package_file": f"weights/{model_name}.{tag}.safetensors"},
-            "sha256": sha256_file(path.parent / SAFETENSORS_NAME),  # written first, in the same folder
-            "license": license,
-            "training": training_record(ckpt, recipe, hardware),
-        }
-        if evaluation:
-            entry["evaluation"] = dict(evaluation)
+        entry["sha256"] = sha256_file(path.parent / SAFETENSORS_NAME)  # written first, in the same folder
         path.write_text(json.dumps({"model": model_name, "model_args": model_args, "entry": entry}, indent=2) + "\n")
 
-    out_dir = Path(out_dir).expanduser()
-    write_folder_atomically(out_dir, {
-        SAFETENSORS_NAME: lambda p: save_file(tensors, str(p), metadata=metadata),
-        CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
-        ENTRY_NAME: write_entry,
-    }, overwrite)
-    return out_dir
+    return write_model_folder(out_dir, model, model_name, key, metadata={"source_file": ckpt_path.name},
+                              model_args=model_args, extra_files={ENTRY_NAME: write_entry}, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -202,23 +146,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--license", default="apache-2.0", help="license recorded in the manifest entry")
     parser.add_argument("--recipe", help="config the run used, recorded in the manifest entry "
                                          "(e.g. train/configs/digits_m4_32.yaml)")
+    parser.add_argument("--command", help="command line that reproduces the run, recorded in the manifest entry")
     parser.add_argument("--hardware", help="hardware the run used, recorded in the manifest entry (e.g. '1x H100')")
-    parser.add_argument("--evaluation", help="JSON file of evaluation results to record (e.g. the demo's results.json)")
+    parser.add_argument("--wall-time-min", type=float, help="training wall time in minutes, recorded in the entry")
+    parser.add_argument("--evaluation", nargs="+", metavar="JSON",
+                        help="results.json of `flexpredict-train demo`, one per training seed (or one file holding "
+                             "a manifest evaluation record)")
     parser.add_argument("--description", help="description recorded in the manifest entry")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     return parser
 
 
+def _read_json(path: PathLike) -> Dict[str, Any]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--evaluation file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--evaluation file {path} is not JSON ({e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    evaluation = None
-    if args.evaluation:
-        try:
-            evaluation = json.loads(Path(args.evaluation).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"--evaluation {args.evaluation}: cannot read a JSON object ({e})")
+    records = [_read_json(path) for path in args.evaluation or ()]
+    # One file holding a manifest evaluation record is taken as is; otherwise they are demo results.
+    evaluation = records[0] if len(records) == 1 and "seeds" in records[0] else None
     out = export_run(args.run, args.out, encoder=args.encoder, name=args.name, license=args.license,
                      recipe=args.recipe, hardware=args.hardware, evaluation=evaluation,
-                     description=args.description, overwrite=args.overwrite)
+                     description=args.description, command=args.command, wall_time_min=args.wall_time_min,
+                     demo_results=records if records and evaluation is None else None, overwrite=args.overwrite)
     entry = json.loads((out / ENTRY_NAME).read_text())
     weights = out / SAFETENSORS_NAME
     print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB, sha256 {entry['entry']['sha256'][:16]}...)")

@@ -7,8 +7,9 @@ RUN_DIR/checkpoints/latest.pt (run.resume=auto).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from flexpredict_zoo.cli import CommandUnavailableError
 
 from .cli import PROG, add_config_arguments
 
@@ -48,18 +49,14 @@ class TrainJob:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)  # validate before queueing anything
-    except ConfigError as e:
-        print(f"{PROG} slurm: config error: {e}", file=sys.stderr)
-        return 2
+    from .config import load_config
+    cfg = load_config(args.config, args.overrides)  # validate before queueing anything
     try:
         import submitit
     except ImportError:
-        print(f"{PROG} slurm: submitit is not installed; pip install 'flexpredict-zoo[slurm]' (or pip install "
-              f"submitit), or launch with torchrun / srun yourself", file=sys.stderr)
-        return 1
+        raise CommandUnavailableError(
+            f"submitit is not installed; `{PROG} slurm` needs it: pip install 'flexpredict-zoo[slurm]' (or pip install "
+            f"submitit), or launch with torchrun / srun yourself") from None
     log_dir = Path(args.log_dir or Path(cfg.run.output_dir) / "slurm")
     executor = submitit.AutoExecutor(folder=str(log_dir / "%j"))
     params = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.gpus_per_node,
