@@ -3,7 +3,7 @@
     python benchmarks/bench_data.py --workers 16 --batch-size 128 --batches 30            # on the GPU machine
     python benchmarks/bench_data.py --workers 2 --images 64 --batch-size 16 --size 64 --batches 4   # CPU check
 
-(a) cpu: the training DataLoader path (PIL decode, data.pretraining_transform, engine.CollateWithUnreadable with
+(a) cpu: the training DataLoader path (PIL decode, data.pretraining_transform, data.pretraining_loader with
     the mask collator) in N persistent workers;
 (b) gpu: workers read bytes and sample masks, the device decodes (nvJPEG on CUDA) and augments (gpu_data.py).
 Without --folder, synthetic 500x375 JPEGs (textured noise, about 80 KB at quality 90) are written to a temporary
@@ -74,12 +74,12 @@ def _cycle(loader, pick):
 
 
 def bench_cpu_path(root: Path, workers: int, batch_size: int, batches: int, img_size: int = 224) -> Dict[str, float]:
-    from flexpredict_zoo.train.data import ImageFolderDataset, pretraining_transform
-    from flexpredict_zoo.train.engine import CollateWithUnreadable
+    from flexpredict_zoo.train.data import ImageFolderDataset, pretraining_loader, pretraining_transform
+    from flexpredict_zoo.train.distributed import ResumableDistributedSampler
     dataset = ImageFolderDataset(root, transform=pretraining_transform(img_size))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         collate_fn=CollateWithUnreadable(_mask_collator(img_size)), drop_last=True,
-                                         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    loader = pretraining_loader(dataset, ResumableDistributedSampler(dataset, 1, 0), _mask_collator(img_size),
+                                batch_size=batch_size, iterations_per_epoch=len(dataset) // batch_size,
+                                num_workers=workers, seed=0, pin_memory=torch.cuda.is_available())
     return _timed(_cycle(loader, lambda b: b[0][0]), batches, torch.device("cpu"))
 
 

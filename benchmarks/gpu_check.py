@@ -1,4 +1,4 @@
-"""Every GPU check of issue 4 in one run, one table at the end.
+"""Every GPU check of the training loop and feature extraction in one run, one table at the end.
 
     python benchmarks/gpu_check.py                 # on one H100/H200: under 6 minutes
     python benchmarks/gpu_check.py --smoke         # on CPU with tiny configs: proves the script works (< 2 min)
@@ -103,7 +103,7 @@ def stage_features(smoke: bool) -> Dict[str, Any]:
 
 def stage_equality(smoke: bool) -> Dict[str, Any]:
     """Compiled bf16 fast path vs eager fp32, same seed/weights/images/masks/noise stream, 50 steps."""
-    from flexpredict_zoo.train.compile import CompileCounter, compile_trainer, reset_compiler
+    from flexpredict_zoo.train.compile import CompileCounter, compile_model, reset_compiler
     from flexpredict_zoo.train.config import load_config
     from flexpredict_zoo.train.engine import Trainer
 
@@ -142,8 +142,8 @@ def stage_equality(smoke: bool) -> Dict[str, Any]:
         masks = [reference.mask_collator.sample(batch) for _ in range(steps)]
         masks = [([m.to(reference.device) for m in c], [m.to(reference.device) for m in t]) for c, t in masks]
         fast = make("bf16", b)
-        same_init = all(torch.equal(p, q) for p, q in zip(reference.encoder.parameters(), fast.encoder.parameters()))
-        counter = compile_trainer(fast, CompileCounter(backend))
+        same_init = all(torch.equal(p, q) for p, q in zip(reference.model.parameters(), fast.model.parameters()))
+        counter = compile_model(fast.model, CompileCounter(backend))
         eager_losses = run(reference, masks)
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         torch.backends.cudnn.allow_tf32 = True

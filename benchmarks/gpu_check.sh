@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 4 in one run (one H100/H200, under 6 minutes), one table at the end.
+# Every GPU check of the training loop and feature extraction in one run (one H100/H200, under 6 minutes), one table at the end.
 #   bash benchmarks/gpu_check.sh                 # GPU
 #   bash benchmarks/gpu_check.sh --smoke         # CPU, tiny configs (< 2 min): checks that the script works
 # Extra arguments go to benchmarks/gpu_check.py (--only b16,equality  --budget-s 330  --h16-grad-checkpointing

@@ -47,5 +47,5 @@ def test_bench_compiled_path_counts_compiles(capsys):
 
 
 def test_bench_rejects_missing_folder(capsys):
-    with pytest.raises(SystemExit, match="neither 'synthetic' nor an existing image folder"):
+    with pytest.raises(FileNotFoundError, match="neither 'synthetic' nor an existing image folder"):
         _run(capsys, "--config", "tiny_cpu", "--data", "/no/such/folder")

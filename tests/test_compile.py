@@ -1,4 +1,6 @@
 """torch.compile helpers: compile counts stay bounded while kept-token counts change, outputs equal eager."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -83,3 +85,35 @@ def test_inductor_matches_eager_with_varying_lengths():
         out = c_encoder(images, context_masks)
         assert (out - encoder(images, context_masks)).abs().max().item() < 1e-5
     assert counter.compiles == 1
+
+
+def test_compile_model_one_graph_per_network_and_no_recompiles_over_a_training_run():
+    from flexpredict_zoo.train.compile import compile_model
+    from flexpredict_zoo.train.model import StoPModel
+    reset_compiler()
+    encoder, predictor = _tiny()
+    eager = StoPModel(encoder.encoder, predictor)
+    model = copy.deepcopy(eager)
+    counter = compile_model(model, CompileCounter("aot_eager"))
+    images = torch.randn(2, 3, 32, 32)
+    worst = 0.0
+    for step in range(12):
+        context_masks, target_masks = _masks(step)
+        torch.manual_seed(step)
+        loss = model(images, context_masks, target_masks)
+        loss.backward()
+        torch.manual_seed(step)
+        reference = eager(images, context_masks, target_masks)
+        reference.backward()
+        worst = max(worst, abs(loss.item() - reference.item()))
+        model.update_target(0.9)
+        eager.update_target(0.9)
+        if step == 1:
+            counter.mark_warm()
+    assert counter.compiles == 3  # target encoder, context encoder, predictor
+    assert counter.recompiles == 0  # the lengths change every step
+    assert worst < 1e-5
+    grads = [(p.grad, q.grad) for p, q in zip(model.trained_parameters(), eager.trained_parameters())]
+    assert all((g is None) == (h is None) for g, h in grads)  # only the official, unused mask_token has none
+    assert sum(g is not None for g, _ in grads) == len(grads) - 1 > 10
+    assert all(torch.allclose(g, h, atol=1e-5) for g, h in grads if g is not None)

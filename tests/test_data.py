@@ -196,3 +196,61 @@ def test_build_pretraining_dataset_for_each_kind(tmp_path):
         build_pretraining_dataset(data_cfg(dataset="folder"), 24)
     with pytest.raises(ValueError, match="folder, digits, synthetic"):
         build_pretraining_dataset(data_cfg(dataset="imagenet"), 24)
+
+
+class Textured(torch.utils.data.Dataset):
+    """PIL images with texture, through the official augmentations (every random step on)."""
+
+    def __init__(self, count=6, size=48):
+        rng = np.random.default_rng(1)
+        self.images = [Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)) for _ in range(count)]
+        self.transform = pretraining_transform(24)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index]), index
+
+
+def test_seeded_samples_depend_only_on_seed_epoch_and_index():
+    from flexpredict_zoo.train.distributed import SampleKey
+    key = SampleKey(epoch=2, index=3, position=5)
+    first = data.SeededSamples(Textured(), seed=7)[key]
+    assert first[0] == key and first[1][1] == 3
+    torch.rand(100), np.random.rand(10)  # other draws in between change nothing
+    again = data.SeededSamples(Textured(), seed=7)[SampleKey(epoch=2, index=3, position=0)]
+    assert torch.equal(first[1][0], again[1][0])  # the position (and the process) does not matter
+    next_epoch = data.SeededSamples(Textured(), seed=7)[SampleKey(epoch=3, index=3, position=5)]
+    other_seed = data.SeededSamples(Textured(), seed=8)[key]
+    assert not torch.equal(first[1][0], next_epoch[1][0]) and not torch.equal(first[1][0], other_seed[1][0])
+    # in a DataLoader worker: the same tensor as in the main process
+    loader = DataLoader(data.SeededSamples(Textured(), seed=7), sampler=[key], num_workers=1, collate_fn=lambda b: b)
+    assert torch.equal(next(iter(loader))[0][1][0], first[1][0])
+
+
+def test_seeded_samples_leave_the_global_rngs_as_they_were():
+    from flexpredict_zoo.train.distributed import SampleKey
+    torch.manual_seed(0), np.random.seed(0)
+    import random
+    random.seed(0)
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    torch.manual_seed(0), np.random.seed(0)
+    random.seed(0)
+    data.SeededSamples(Textured(), seed=7)[SampleKey(0, 1, 0)]
+    assert torch.equal(torch.rand(3), expected[0]) and (np.random.rand(), random.random()) == expected[1:]
+
+
+def test_collate_draws_the_masks_of_the_batch_iteration():
+    from flexpredict_zoo.train.distributed import SampleKey
+    from flexpredict_zoo.train.masks import MaskConfig, MultiBlockMaskCollator
+    collator = MultiBlockMaskCollator(MaskConfig(input_size=32, patch_size=4, min_keep=4), seed=5)
+    collate = data.CollateWithUnreadable(collator, batch_size=2, iterations_per_epoch=3)
+    items = [(SampleKey(epoch=2, index=i, position=2 + i), (torch.zeros(3), i)) for i in range(2)]
+    items.append((SampleKey(epoch=2, index=9, position=4), UnreadableImage("x.jpg", "truncated")))
+    (images, labels), context_masks, target_masks, bad, iteration = collate(items)
+    assert iteration == 2 * 3 + 2 // 2 == 7 and bad == [("x.jpg", "truncated")] and labels.tolist() == [0, 1]
+    expected_context, expected_targets = MultiBlockMaskCollator(collator.cfg, seed=5).sample(2, counter=7)
+    assert torch.equal(context_masks[0], expected_context[0])
+    assert all(torch.equal(t, e) for t, e in zip(target_masks, expected_targets))
+    assert not torch.equal(context_masks[0], collator.sample(2, counter=8)[0][0])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from flexpredict_zoo.train.distributed import DistEnv, ResumableDistributedSampler, init_distributed
+from flexpredict_zoo.train.distributed import ResumableDistributedSampler, SampleKey, init_distributed
 
 WORLD = 2
 STEPS = 3
@@ -43,8 +43,7 @@ def _worker(rank, port, out_dir):
 
     def fit_and_capture(trainer):
         summary = real_fit(trainer)
-        for key, module in (("encoder", trainer.encoder), ("target_encoder", trainer.target_encoder),
-                            ("predictor", trainer.predictor)):
+        for key, module in trainer.model.networks().items():
             final.update({f"{key}.{n}": t.flatten().tolist() for n, t in module.state_dict().items()})
         return summary
 
@@ -102,13 +101,20 @@ def test_world_size_without_torchrun_variables_is_a_clear_error(monkeypatch):
 
 def test_sampler_shards_and_skips_for_mid_epoch_resume():
     data = list(range(20))
+
+    def expected(epoch, rank):  # DistributedSampler's order: randperm with seed + epoch, every 2nd index from rank
+        return torch.randperm(20, generator=torch.Generator().manual_seed(3 + epoch))[rank::2].tolist()
+
     shards = [list(ResumableDistributedSampler(data, 2, r, seed=3)) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 10 and not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == data
+    assert [[key.index for key in shard] for shard in shards] == [expected(0, 0), expected(0, 1)]
+    assert sorted(key.index for shard in shards for key in shard) == data  # disjoint and complete
+    assert all(key.epoch == 0 for shard in shards for key in shard)
+    assert [key.position for key in shards[0]] == list(range(10))
     sampler = ResumableDistributedSampler(data, 2, 0, seed=3)
     sampler.set_start_index(4)
-    assert list(sampler) == shards[0][4:] and len(sampler) == 6
+    assert list(sampler) == shards[0][4:] and len(sampler) == 6  # same keys, positions 4..9
     sampler.set_epoch(1)
     sampler.set_start_index(0)
-    assert list(sampler) != shards[0]  # a new permutation each epoch
-    assert isinstance(DistEnv(), DistEnv)
+    keys = list(sampler)
+    assert [key.index for key in keys] == expected(1, 0) != expected(0, 0)  # a new permutation each epoch
+    assert keys[3] == SampleKey(epoch=1, index=expected(1, 0)[3], position=3)

@@ -1,4 +1,5 @@
-"""train/engine.py: the train step (targets, loss, EMA), the loop's non-finite stop and unreadable-image handling."""
+"""train/engine.py and train/model.py: the train step (targets, loss, EMA), the loop's non-finite stop and
+unreadable-image handling."""
 import math
 
 import pytest
@@ -7,10 +8,9 @@ import torch.nn.functional as F
 
 from flexpredict_zoo.train.config import from_dict
 from flexpredict_zoo.train.data import SyntheticDataset, UnreadableImage
-from flexpredict_zoo.train.engine import (NonFiniteLossError, Trainer, UnreadableDataError, compute_targets,
-                                          repeat_interleave_batch, train)
+from flexpredict_zoo.train.engine import NonFiniteLossError, Trainer, UnreadableDataError, train
+from flexpredict_zoo.train.model import repeat_interleave_batch
 from flexpredict_zoo.train.run_checkpoint import load_checkpoint
-from flexpredict_zoo.vision_transformer import gather_tokens
 
 
 def tiny(tmp_path, **sections):
@@ -38,21 +38,22 @@ def test_one_step_targets_loss_and_exact_ema(tmp_path):
     trainer = Trainer(tiny(tmp_path))
     (images, _), context_masks, target_masks = trainer.mask_collator([trainer.dataset[i] for i in range(4)])
     # targets: layer_norm (no affine) of all target-encoder tokens, gathered per block, block-major
-    h = F.layer_norm(trainer.target_encoder.forward_masked(images), (64,))
+    model = trainer.model
+    h = F.layer_norm(model.target_encoder.forward_masked(images), (64,))
     expected = torch.cat([torch.stack([h[b, m[b]] for b in range(4)]) for m in target_masks])
-    got = compute_targets(trainer.target_model, images, target_masks)
+    got = model.compute_targets(images, target_masks)
     assert got.shape == (4 * len(target_masks), target_masks[0].shape[1], 64)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
-    target_before = [p.detach().clone() for p in trainer.target_encoder.parameters()]
-    online_before = [p.detach().clone() for p in trainer.encoder.parameters()]
+    target_before = [p.detach().clone() for p in model.target_encoder.parameters()]
+    online_before = [p.detach().clone() for p in model.context_encoder.parameters()]
     loss = trainer.train_step(images, context_masks, target_masks, iteration=0)
     assert loss.ndim == 0 and math.isfinite(loss.item()) and 0 < loss.item() < 10
     m = trainer.schedule.momentum(0)
     assert m == 0.996
-    online_after = [p.detach() for p in trainer.encoder.parameters()]
+    online_after = [p.detach() for p in model.context_encoder.parameters()]
     moved = 0
-    for t_old, o_old, o_new, t_new in zip(target_before, online_before, online_after, trainer.target_encoder.parameters()):
+    for t_old, o_old, o_new, t_new in zip(target_before, online_before, online_after, model.target_encoder.parameters()):
         reference = (m * t_old.double() + (1 - m) * o_new.double()).float()
         # fp32 does two roundings (momentum * target, then + (1 - m) * online): within 2 ulp of the exact value
         ulp = torch.finfo(torch.float32).eps * reference.abs().clamp_min(1.0)
@@ -123,7 +124,7 @@ def test_bf16_autocast_step_on_cpu(tmp_path):
     (images, _), cm, tm = trainer.mask_collator([trainer.dataset[i] for i in range(4)])
     loss = trainer.train_step(images, cm, tm, iteration=0)
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
-    assert all(p.dtype == torch.float32 for p in trainer.encoder.parameters())  # autocast, not cast weights
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not cast weights
 
 
 def test_workers_and_persistent_loader(tmp_path):

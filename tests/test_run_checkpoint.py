@@ -1,6 +1,8 @@
 """train/run_checkpoint.py: exact resume, atomic writes, weights_only loading, starting from an official checkpoint."""
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import make_official_checkpoint
 from flexpredict_zoo.train import run_checkpoint
@@ -21,22 +23,57 @@ def tiny(run_dir, **run):
     })
 
 
-def test_resume_continues_the_same_loss_trajectory(tmp_path):
-    straight = train(tiny(tmp_path / "a", max_steps=6))
-    first = train(tiny(tmp_path / "b", max_steps=3))
-    resumed = train(tiny(tmp_path / "b", max_steps=6))  # run.resume=auto finds latest.pt at iteration 3
-    assert resumed["resumed_from"].endswith("latest.pt") and resumed["steps_this_run"] == 3
-    assert len(straight["losses"]) == 6
-    assert first["losses"] + resumed["losses"] == straight["losses"]  # bit-identical on CPU
+def write_image_folder(folder, count=12):
+    """Small JPEG and PNG files of different sizes and contents, in two class folders."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        size = (40 + 4 * (i % 5), 32 + 6 * (i % 3))
+        pixels = rng.integers(0, 256, (size[1] // 4, size[0] // 4, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize(size, Image.BILINEAR)  # smooth: crops and blur change it visibly
+        target = folder / f"class_{i % 2}"
+        target.mkdir(parents=True, exist_ok=True)
+        image.save(target / f"img_{i:02d}.{'jpg' if i % 3 else 'png'}")
+    return folder
+
+
+def folder_run(run_dir, root, **run):
+    """The user's conditions: an image folder, the official augmentations (DataConfig defaults), 2 workers.
+    12 images / batch 4 = 3 iterations per epoch."""
+    return from_dict({
+        "model": {"name": "flexpredict_vit_m4_32", "img_size": 32, "kwargs": {"depth": 2, "embed_dim": 64}},
+        "predictor": {"depth": 1, "embed_dim": 32, "num_heads": 4},
+        "mask": {"min_keep": 4},
+        "data": {"dataset": "folder", "root": str(root), "batch_size": 4, "num_workers": 2},
+        "optim": {"epochs": 3, "warmup_epochs": 1, "lr_peak": 1e-3},
+        "run": dict({"output_dir": str(run_dir), "log_every": 1, "checkpoint_every": 100, "device": "cpu"}, **run),
+    })
+
+
+def test_resume_with_workers_and_augmentations_continues_the_same_trajectory(tmp_path):
+    root = write_image_folder(tmp_path / "images")
+    assert folder_run(tmp_path / "x", root).data.grayscale_p == 0.2  # the official augmentations are on
+    straight = train(folder_run(tmp_path / "a", root, max_steps=7))
+    # stopped at 2 (mid-epoch 0) and at 5 (mid-epoch 1); the resumed runs cross the epoch boundaries at 3 and 6
+    parts = [train(folder_run(tmp_path / "b", root, max_steps=steps)) for steps in (2, 5, 7)]
+    assert [p["steps_this_run"] for p in parts] == [2, 3, 2] and parts[2]["resumed_from"].endswith("latest.pt")
+    assert len(straight["losses"]) == 7 and len(set(straight["losses"])) == 7
+    assert parts[0]["losses"] + parts[1]["losses"] + parts[2]["losses"] == straight["losses"]  # bit-identical
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "latest.pt")
-    assert a["iteration"] == b["iteration"] == 6 and a["epoch"] == 1
+    assert a["iteration"] == b["iteration"] == 7 and a["epoch"] == b["epoch"] == 2
+    compared = 0
     for key in ("encoder", "target_encoder", "predictor"):
+        assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
-    assert a["mask_generator"]["counter"] == b["mask_generator"]["counter"] == 6
+            compared += 1
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+    assert compared > 30
+    assert a["mask_generator"]["counter"] == b["mask_generator"]["counter"] == 7
     log = (tmp_path / "b" / "log.csv").read_text().splitlines()
-    assert len(log) == 1 + 2 and log[0].startswith("iteration,")  # one header, rows from both runs
+    assert len(log) == 1 + 7 and log[0].startswith("iteration,")  # one header, rows from all three runs
 
 
 def test_checkpoint_contents_load_with_weights_only(tmp_path):
@@ -52,6 +89,8 @@ def test_checkpoint_contents_load_with_weights_only(tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["encoder"])
     assert ckpt["config"]["optim"]["lr_peak"] == 1e-3
     assert (folder / "iter_0000003.pt").read_bytes() == (folder / "latest.pt").read_bytes()  # final one kept
+    assert (folder / "iter_0000003.pt").stat().st_ino == (folder / "latest.pt").stat().st_ino  # a hard link
+    assert sorted(p.name for p in folder.iterdir()) == ["iter_0000003.pt", "latest.pt"]  # no temporary left
     assert (tmp_path / "r" / "config.yaml").is_file()
 
 
@@ -93,8 +132,7 @@ def test_init_from_official_checkpoint_strict(tmp_path):
     cfg = tiny(tmp_path / "run", init_from=str(path))
     cfg.predictor.depth, cfg.predictor.embed_dim = 2, 384
     trainer = Trainer(cfg)
-    for key, module in (("encoder", trainer.encoder), ("target_encoder", trainer.target_encoder),
-                        ("predictor", trainer.predictor)):
+    for key, module in trainer.model.networks().items():
         state = module.state_dict()
         for name, value in official[key].items():
             name = name[len("module."):]

@@ -3,8 +3,8 @@
     flexpredict-train bench --config vit_b16 --batch-size 128 --steps 50            # GPU: compiled, bf16
     flexpredict-train bench --config tiny_cpu --steps 3 --no-compile --json         # CPU smoke run
 
-The model, predictor, optimizer, schedules and the step itself are engine.Trainer's (the code that trains), built
-on a synthetic dataset in a throwaway run folder. With `--data synthetic` the images are random tensors already
+The step is engine.Trainer.train_step on its model.StoPModel (the code that trains), built on a synthetic dataset
+in a throwaway run folder; compilation and FLOP counting go through the StoPModel. With `--data synthetic` the images are random tensors already
 on the device and the masks come from the real multi-block collator, sampled beforehand (a pool of `--mask-sets`
 batches, cycled), so the figure is the step alone. With `--data FOLDER` each timed step also loads its batch:
 the CPU DataLoader path (`--decode cpu`, the official PIL augmentations) or the GPU decode path (`--decode gpu`).
@@ -86,7 +86,7 @@ def _build_trainer(args: argparse.Namespace, run_dir: str):
     cfg.optim.iterations_per_epoch = None
     trainer = Trainer(cfg)
     if args.grad_checkpointing:
-        trainer.predictor.set_grad_checkpointing(True)
+        trainer.model.set_grad_checkpointing(True)
     return cfg, trainer
 
 
@@ -102,10 +102,9 @@ def count_step_flops(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor],
     scale exactly with the batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    encoder_ckpt = trainer.encoder.grad_checkpointing
-    predictor_ckpt = getattr(trainer.predictor, "grad_checkpointing", False)
-    trainer.encoder.set_grad_checkpointing(False)
-    trainer.predictor.set_grad_checkpointing(False)
+    networks = trainer.model.networks().values()
+    checkpointing = [network.grad_checkpointing for network in networks]
+    trainer.model.set_grad_checkpointing(False)
     total = 0.0
     try:
         for context_masks, target_masks in mask_sets:
@@ -114,8 +113,8 @@ def count_step_flops(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor],
                                    [m[:sample] for m in target_masks], trainer.iteration)
             total += counter.get_total_flops() / sample
     finally:
-        trainer.encoder.set_grad_checkpointing(encoder_ckpt)
-        trainer.predictor.set_grad_checkpointing(predictor_ckpt)
+        for network, enabled in zip(networks, checkpointing):
+            network.set_grad_checkpointing(enabled)
     return total / len(mask_sets)
 
 
@@ -147,17 +146,14 @@ def _folder_batches(trainer: Any, args: argparse.Namespace):
             for images, _, context_masks, target_masks in loader:
                 yield images, context_masks, target_masks
     else:
-        loader = trainer._loader(0, 0)
-        while True:
-            for collated, context_masks, target_masks, bad, _ in loader:
-                if collated is None:
-                    continue
-                images = collated[0] if isinstance(collated, (list, tuple)) else collated
-                yield trainer._to_device(images, context_masks, target_masks)
+        epoch = 0
+        while True:  # the training data path itself: seeded samples, masks per iteration, persistent workers
+            yield from trainer.batches(epoch)
+            epoch += 1
 
 
 def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
-    from .compile import CompileCounter, compile_trainer, dynamo_stats, reset_compiler
+    from .compile import CompileCounter, compile_model, dynamo_stats, reset_compiler
 
     with tempfile.TemporaryDirectory(prefix="flexpredict-bench-") as run_dir:
         cfg, trainer = _build_trainer(args, run_dir)
@@ -170,7 +166,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         counter = None
         if use_compile:
             reset_compiler()
-            counter = compile_trainer(trainer, CompileCounter(args.compile_backend))
+            counter = compile_model(trainer.model, CompileCounter(args.compile_backend))
         source = None if args.data == "synthetic" else _folder_batches(trainer, args)
 
         def step(i: int):
@@ -245,9 +241,9 @@ def format_result(result: Dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("bench: --steps must be >= 1 and --warmup >= 0")
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got --steps {args.steps} --warmup {args.warmup}")
     if args.data != "synthetic" and not os.path.isdir(args.data):
-        raise SystemExit(f"bench: --data {args.data!r} is neither 'synthetic' nor an existing image folder")
+        raise FileNotFoundError(f"--data {args.data!r} is neither 'synthetic' nor an existing image folder")
     result = benchmark(args)
     print(json.dumps(result) if args.json else format_result(result))
     return 0

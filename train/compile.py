@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
-from torch import nn
 
-__all__ = ["CompileCounter", "CompiledCallable", "compile_module", "compile_trainer", "mark_tokens_dynamic", "dynamo_stats",
+__all__ = ["CompileCounter", "CompiledCallable", "compile_module", "compile_model", "mark_tokens_dynamic", "dynamo_stats",
            "reset_compiler"]
 
 
@@ -75,13 +74,13 @@ def mark_tokens_dynamic(value: Any, dim: int = 1) -> None:
 
 
 class CompiledCallable:
-    """A compiled module plus the eager one; marks the token dimensions dynamic before each call.
+    """A compiled module (or method) plus the eager one; marks the token dimensions dynamic before each call.
 
     `dynamic_dims` maps a positional index or keyword name to the dimension to mark: for the context encoder
     `forward(images, masks)` that is {1: 1} (masks (B, K)); for the predictor `forward(context_tokens,
     context_masks, target_masks, noise)` it is {0: 1, 1: 1, 2: 1, "noise": 1}."""
 
-    def __init__(self, module: nn.Module, compiled: Callable, dynamic_dims: Dict[Union[int, str], int]):
+    def __init__(self, module: Callable, compiled: Callable, dynamic_dims: Dict[Union[int, str], int]):
         self.module = module
         self.compiled = compiled
         self.dynamic_dims = dict(dynamic_dims)
@@ -94,12 +93,12 @@ class CompiledCallable:
                 mark_tokens_dynamic(kwargs[key], dim)
         return self.compiled(*args, **kwargs)
 
-    # the rest of the trainer treats it as the module (parameters, train/eval, state dicts)
+    # callers may treat it as the module (parameters, train/eval, state dicts)
     def __getattr__(self, name: str):
         return getattr(self.module, name)
 
 
-def compile_module(module: nn.Module, counter: Optional[CompileCounter] = None,
+def compile_module(module: Callable, counter: Optional[CompileCounter] = None,
                    dynamic_dims: Optional[Dict[Union[int, str], int]] = None, fullgraph: bool = False
                    ) -> CompiledCallable:
     """torch.compile(module) through `counter` (a CompileCounter, created if None), with token dims marked dynamic.
@@ -125,16 +124,16 @@ def reset_compiler() -> None:
     counters.clear()
 
 
-def compile_trainer(trainer: Any, counter: Optional[CompileCounter] = None) -> CompileCounter:
-    """Compile the three networks of an engine.Trainer's step in place, through one CompileCounter.
+def compile_model(model: Any, counter: Optional[CompileCounter] = None) -> CompileCounter:
+    """Compile the three network calls of a model.StoPModel in place, through one CompileCounter.
 
-    context encoder `forward(images, masks)`: masks' token dim dynamic; predictor `forward(context_tokens,
-    context_masks, target_masks, noise=None)`: every token dim dynamic; target encoder: its full-token
-    forward (`target_model(images, None)`, static shapes). engine.Trainer calls this when run.compile is set."""
+    `encode_context(images, context_masks)`: the masks' token dim dynamic; `predict(context, context_masks,
+    target_masks)`: every token dim dynamic; `encode_targets(images)`: all tokens, static shapes. The compiled
+    versions shadow the methods on the instance, so `model(...)` (through DDP or not) runs them; parameters are read
+    at call time, so the optimizer and EMA updates are seen by the compiled graphs. engine.Trainer calls this when
+    run.compile is set."""
     counter = counter if counter is not None else CompileCounter()
-    trainer.context_model = compile_module(trainer.context_model, counter, {1: 1})
-    trainer.predictor_model = compile_module(trainer.predictor_model, counter, {0: 1, 1: 1, 2: 1, "noise": 1})
-    # engine.compute_targets calls trainer.target_model(images, None): all tokens, static shapes. Parameters are read
-    # at call time, so the EMA updates are seen by the compiled graph.
-    trainer.target_model = torch.compile(trainer.target_model, backend=counter, dynamic=None)
+    model.encode_context = compile_module(model.context_encoder.forward_masked, counter, {1: 1})
+    model.predict = compile_module(model.predictor, counter, {0: 1, 1: 1, 2: 1, "noise": 1})
+    model.encode_targets = torch.compile(model.encode_targets, backend=counter, dynamic=None)
     return counter

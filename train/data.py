@@ -3,35 +3,37 @@
 Items are `(image_tensor, label)`. A folder image that cannot be decoded comes back as an
 `UnreadableImage(path, error)` instead of raising, so one bad JPEG never kills a DataLoader worker;
 the collate step separates them with `filter_unreadable` and the trainer counts and logs them.
+The pretraining loader (`pretraining_loader`) reads them through `SeededSamples`: every random draw of a sample is
+a function of (seed, epoch, index), and the masks of a batch of its iteration, whichever worker draws them.
 """
 from __future__ import annotations
 
 import os
+import random
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import transforms
+
+from flexpredict_zoo.features import IMAGE_EXTENSIONS, UnreadableImage, eval_transform, read_image  # noqa: F401 (re-exported)
+
+from .masks import derive_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMG_EXTENSIONS = IMAGE_EXTENSIONS  # the zoo's one list: what extraction reads is what training and eval read
 
 # scikit-learn's digits: 1,797 images of 8x8 grey values 0..16, 10 classes. A stratified split with a fixed
 # seed gives 1,297 training and 500 held-out images, identical on every machine.
 DIGITS_HELDOUT = 500
 DIGITS_SPLIT_SEED = 0
 DIGITS_NUM_CLASSES = 10
-
-
-class UnreadableImage(NamedTuple):
-    """Stands in for a sample whose image could not be read; `error` says why."""
-    path: str
-    error: str
 
 
 def filter_unreadable(batch: Sequence[Any]) -> Tuple[List[Any], List[UnreadableImage]]:
@@ -45,7 +47,8 @@ def filter_unreadable(batch: Sequence[Any]) -> Tuple[List[Any], List[UnreadableI
 # ----------------------------------------------------------------------------------------------- transforms
 class RandomGaussianBlur:
     """PIL Gaussian blur applied with probability p, radius drawn uniformly from `radius` (as the official
-    I-JEPA/StoP transform). Uses torch's RNG so DataLoader worker seeding makes it reproducible."""
+    I-JEPA/StoP transform). Draws from torch's RNG, as the torchvision transforms beside it, so SeededSamples
+    seeds it per sample."""
 
     def __init__(self, p: float = 0.5, radius: Tuple[float, float] = (0.1, 2.0)):
         self.p = float(p)
@@ -66,8 +69,8 @@ def pretraining_transform(img_size: int, crop_scale: Tuple[float, float] = (0.3,
                           grayscale_p: float = 0.2, blur_p: float = 0.5, blur_radius: Tuple[float, float] = (0.1, 2.0),
                           color_jitter: float = 0.0, mean: Sequence[float] = IMAGENET_MEAN,
                           std: Sequence[float] = IMAGENET_STD) -> transforms.Compose:
-    """The official StoP augmentations (DESIGN.md section 4), in the official order: RandomResizedCrop
-    (torchvision's default bilinear interpolation, as the official), horizontal flip, colour distortion
+    """The official StoP augmentations (I-JEPA `make_transforms`, colour jitter off), in the official order:
+    RandomResizedCrop (torchvision's default bilinear interpolation, as the official), horizontal flip, colour distortion
     (jitter of strength s applied with p 0.8, then RandomGrayscale), Gaussian blur, ToTensor, Normalize.
     A probability of 0 or `hflip=False` leaves the step out."""
     steps: List[Callable] = [transforms.RandomResizedCrop(img_size, scale=tuple(crop_scale))]
@@ -85,14 +88,6 @@ def pretraining_transform(img_size: int, crop_scale: Tuple[float, float] = (0.3,
     return transforms.Compose(steps)
 
 
-def eval_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                   interpolation: str = "bilinear") -> transforms.Compose:
-    """The official evaluation preprocessing: short side to img_size, center crop img_size (crop_pct 1.0)."""
-    mode = transforms.InterpolationMode(interpolation)
-    return transforms.Compose([transforms.Resize(img_size, interpolation=mode), transforms.CenterCrop(img_size),
-                               transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
 def transform_from_config(data_cfg: Any, img_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                           std: Sequence[float] = IMAGENET_STD) -> transforms.Compose:
     """pretraining_transform with the augmentation fields of the data config section."""
@@ -100,6 +95,78 @@ def transform_from_config(data_cfg: Any, img_size: int, mean: Sequence[float] = 
                                  grayscale_p=float(data_cfg.grayscale_p), blur_p=float(data_cfg.blur_p),
                                  blur_radius=tuple(data_cfg.blur_radius), color_jitter=float(data_cfg.color_jitter),
                                  mean=mean, std=std)
+
+
+# ----------------------------------------------------------------------------------- seeded samples, loader
+@contextmanager
+def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
+    """Seed torch's CPU generator, Python's `random` and NumPy's global RNG with `seed` for the block. `restore`: put
+    back the states they had after it (in the main process, whose streams, e.g. the predictor noise, must not move;
+    a DataLoader worker skips it: NumPy's get/set_state costs about 0.1 ms, and every sample reseeds anyway)."""
+    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state()) if restore else None
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA streams are not reseeded
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+class SeededSamples(Dataset):
+    """`dataset` read by distributed.SampleKey: item `key` is `(key, dataset[key.index])`, read and augmented with
+    every RNG seeded from (seed, key.epoch, key.index) (`seeded_rngs`). A sample's crop, flip, grayscale and blur
+    are therefore the same whichever DataLoader worker or process reads it and whatever it read before: a stopped
+    and resumed run sees the augmentations of an uninterrupted one. The draws keep the transforms' own
+    distributions; only their seed changes."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any):
+        with seeded_rngs(derive_seed(self.seed, "sample", key.epoch, key.index), restore=get_worker_info() is None):
+            return key, self.dataset[key.index]
+
+
+class CollateWithUnreadable:
+    """DataLoader collate for SeededSamples items: drop unreadable samples (passing their names on), then build the
+    multi-block masks of the batch's iteration, epoch * iterations_per_epoch + position // batch_size, so the masks
+    too are a function of where the batch is in the run, not of which worker built it.
+
+    Returns (collated samples, context_masks, target_masks, [(path, error)], iteration); the first three are None
+    when no sample of the batch was readable."""
+
+    def __init__(self, mask_collator: Any, batch_size: int, iterations_per_epoch: int):
+        self.mask_collator = mask_collator
+        self.batch_size, self.iterations_per_epoch = int(batch_size), int(iterations_per_epoch)
+
+    def __call__(self, items: Sequence[Tuple[Any, Any]]):
+        first = items[0][0]
+        iteration = first.epoch * self.iterations_per_epoch + first.position // self.batch_size
+        good, bad = filter_unreadable([sample for _, sample in items])
+        bad = [(str(b.path), str(b.error)) for b in bad]
+        if not good:
+            return None, None, None, bad, iteration
+        collated, context_masks, target_masks = self.mask_collator(good, counter=iteration)
+        return collated, context_masks, target_masks, bad, iteration
+
+
+def pretraining_loader(dataset: Dataset, sampler: Sampler, mask_collator: Any, *, batch_size: int,
+                       iterations_per_epoch: int, num_workers: int, seed: int, drop_last: bool = True,
+                       pin_memory: bool = False, generator: Optional[torch.Generator] = None) -> DataLoader:
+    """The pretraining DataLoader: `sampler` yields distributed.SampleKeys (ResumableDistributedSampler), samples
+    are seeded per (seed, epoch, index), masks per iteration; persistent workers. `generator` seeds the workers
+    (their base seed is drawn from it, never from the global RNG)."""
+    return DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=CollateWithUnreadable(mask_collator, batch_size, iterations_per_epoch),
+                      drop_last=drop_last, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      generator=generator)
 
 
 # ------------------------------------------------------------------------------------------------- datasets
@@ -140,8 +207,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            with Image.open(path) as f:
-                img = f.convert("RGB")  # forces the decode, so truncated files fail here
+            img = read_image(path)  # the zoo's one image reader, as extraction and evaluation
         except Exception as e:  # any decode failure: report it, never kill the worker
             return UnreadableImage(path, f"{type(e).__name__}: {e}")
         return (self.transform(img) if self.transform is not None else img), label

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -100,14 +100,27 @@ def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
     device_ids = [env.device.index] if env.device.type == "cuda" else None
+    # Wraps the whole model.StoPModel: gradients of every parameter that requires one (context encoder, predictor)
+    # are averaged across ranks; the target encoder has none and is updated by EMA identically on every rank.
     # static_graph: the predictor's mask_token is an (official, unused) parameter, and activation
     # checkpointing re-enters the graph; both are fine with a static graph.
     return DistributedDataParallel(module, device_ids=device_ids, static_graph=True)
 
 
+class SampleKey(NamedTuple):
+    """What the training sampler yields for one sample: the dataset `index`, the `epoch`, and the `position` of the
+    sample in this process's order for the epoch. data.SeededSamples seeds the sample's augmentations from
+    (seed, epoch, index) and data.CollateWithUnreadable the batch's masks from its iteration (epoch and position),
+    so neither depends on which DataLoader worker, or which run of a resumed training, draws them."""
+    epoch: int
+    index: int
+    position: int
+
+
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler (really sharded: rank and world size come from the initialised group) that can skip
-    the samples of batches already done in this epoch, with the same permutation, for a mid-epoch resume."""
+    """DistributedSampler (really sharded: rank and world size come from the initialised group) that yields
+    SampleKeys and can skip the samples of batches already done in this epoch, with the same permutation, for a
+    mid-epoch resume."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True):
@@ -117,9 +130,10 @@ class ResumableDistributedSampler(DistributedSampler):
     def set_start_index(self, index: int) -> None:
         self.start_index = int(index)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[SampleKey]:
         indices = list(super().__iter__())
-        return iter(indices[self.start_index:])
+        return (SampleKey(self.epoch, index, position)
+                for position, index in enumerate(indices[self.start_index:], start=self.start_index))
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index

@@ -1,8 +1,9 @@
 """Multi-block masks of I-JEPA / StoP: one context block and several target blocks per image.
 
 Per batch, one target-block size and one context-block size are drawn from a generator seeded by an
-iteration counter that all DataLoader workers share (a multiprocessing Value, as the official code
-keeps it). Per image, the target blocks go to random places and the context block loses every token
+iteration counter: the trainer passes the batch's iteration (data.CollateWithUnreadable), so the masks resume
+exactly across epochs and persistent workers; without one, a counter that all DataLoader workers share (a
+multiprocessing Value, as the official code keeps it) numbers the batches of one loader pass. Per image, the target blocks go to random places and the context block loses every token
 that a target block covers. Every mask of a kind is cut to the batch's shortest so the masks stack.
 
 Differences from the official sampler, on purpose:
@@ -19,12 +20,12 @@ import logging
 import math
 import multiprocessing
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
-__all__ = ["MaskConfig", "MultiBlockMaskCollator", "MaskSamplingError"]
+__all__ = ["MaskConfig", "MultiBlockMaskCollator", "MaskSamplingError", "derive_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,13 @@ class MaskConfig:
         if self.min_keep < 0:
             raise ValueError(f"MaskConfig.min_keep must be >= 0, got {self.min_keep}")
 
+    @classmethod
+    def from_config(cls, section: Any, input_size: Union[int, Tuple[int, int]], patch_size: int) -> "MaskConfig":
+        """From the typed `mask` section of the training config (config.MaskConfig, whose defaults are this class's;
+        None means this class's default) and the model's input and patch size."""
+        values = {f.name: getattr(section, f.name) for f in fields(section) if getattr(section, f.name) is not None}
+        return cls(input_size=input_size, patch_size=patch_size, **values)
+
     @property
     def grid_size(self) -> Tuple[int, int]:
         size = (self.input_size, self.input_size) if isinstance(self.input_size, int) else tuple(self.input_size)
@@ -92,8 +100,10 @@ def block_size(rand: float, scale: Tuple[float, float], aspect: Tuple[float, flo
     return max(h, 0), max(w, 0)
 
 
-def _stream_seed(seed: int, counter: int, stream: str) -> int:
-    digest = hashlib.blake2b(f"{seed}:{counter}:{stream}".encode(), digest_size=8).digest()
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed that is a pure function of `parts` (e.g. seed, counter, stream name): independent streams
+    for every combination, the same in every process."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -197,8 +207,13 @@ class MultiBlockMaskCollator:
         offsets = (torch.arange(h)[:, None] * self.width + torch.arange(w)[None, :]).reshape(-1)
         return (top * self.width + left).unsqueeze(-1) + offsets  # increasing, as the grid is row-major
 
-    def sample(self, batch_size: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        return self._sample(batch_size, self._next_counter())
+    def sample(self, batch_size: int, counter: Optional[int] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The masks of one batch. `counter` None: the next value of the shared counter; else the given one
+        (the trainer passes the batch's iteration, so the masks do not depend on which worker builds them)."""
+        if counter is None:
+            return self._sample(batch_size, self._next_counter())
+        self._after_last = int(counter) + 1
+        return self._sample(batch_size, int(counter))
 
     def _sample(self, batch_size: int, counter: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         c, B, T, N = self.cfg, batch_size, self.cfg.num_targets, self.height * self.width
@@ -206,7 +221,7 @@ class MultiBlockMaskCollator:
         sizes = torch.Generator().manual_seed(counter + (self.seed << 32))  # seed 0: the official size sequence
         th, tw = block_size(torch.rand(1, generator=sizes).item(), c.target_scale, c.target_aspect, grid)
         ch, cw = block_size(torch.rand(1, generator=sizes).item(), c.context_scale, c.context_aspect, grid)
-        g = torch.Generator().manual_seed(_stream_seed(self.seed, counter, "positions"))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, counter, "positions"))
 
         top = torch.randint(0, self._placement_range(th, self.height), (B, T), generator=g)
         left = torch.randint(0, self._placement_range(tw, self.width), (B, T), generator=g)
@@ -253,8 +268,8 @@ class MultiBlockMaskCollator:
         target_masks = [targets[:, t].contiguous() for t in range(T)]  # all th*tw long: no cut needed
         return [context_idx.contiguous()], target_masks
 
-    def __call__(self, batch: Sequence[Any]):
-        context_masks, target_masks = self.sample(len(batch))
+    def __call__(self, batch: Sequence[Any], counter: Optional[int] = None):
+        context_masks, target_masks = self.sample(len(batch), counter)
         return default_collate(batch), context_masks, target_masks
 
     def __repr__(self) -> str:

@@ -34,14 +34,17 @@ def use_fused(cfg: OptimConfig, device: torch.device) -> bool:
     return bool(cfg.fused)
 
 
-def build_optimizer(modules: Sequence[nn.Module], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(params: Union[Sequence[nn.Module], List[Dict]], cfg: OptimConfig,
+                    device: torch.device) -> torch.optim.AdamW:
+    """AdamW over parameter groups (as model.StoPModel.param_groups hands them out) or over the groups of modules."""
+    groups = list(params) if params and isinstance(params[0], dict) else param_groups(params)
     fused = use_fused(cfg, device)
     kwargs = dict(lr=cfg.lr_start, betas=tuple(cfg.betas), eps=cfg.eps)
     if fused:
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    return torch.optim.AdamW(param_groups(modules), **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

@@ -22,6 +22,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 from flexpredict_zoo.pos_embed import sincos_2d
+from flexpredict_zoo.vision_transformer import gather_tokens
 
 __all__ = ["StoPPredictor"]
 
@@ -36,11 +37,6 @@ def _as_list(masks: Masks, what: str) -> List[torch.Tensor]:
         if m.dim() != 2:
             raise ValueError(f"{what} masks must be (B, K) index tensors, got shape {tuple(m.shape)}")
     return masks
-
-
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (R, N, D) (may be an expanded view), idx (R, K) -> (R, K, D)."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class StoPPredictor(nn.Module):
@@ -137,12 +133,12 @@ class StoPPredictor(nn.Module):
 
         pos = self.predictor_pos_embed.to(context_tokens.dtype)
         x = self.predictor_embed(context_tokens)
-        x = x + _gather(pos.expand(ctx_idx.shape[0], -1, -1), ctx_idx)
+        x = x + gather_tokens(pos.expand(ctx_idx.shape[0], -1, -1), ctx_idx)
 
         # Target positions for every (block, context mask, image) row, pairing with x.repeat(n_tgt, 1, 1).
         tgt_idx = torch.stack([m.to(device) for m in target_masks])  # (n_tgt, B, Kt)
         tgt_idx = tgt_idx.unsqueeze(1).expand(n_tgt, n_ctx, batch, kt).reshape(rows, kt)
-        pred = _gather(pos.expand(rows, -1, -1), tgt_idx)
+        pred = gather_tokens(pos.expand(rows, -1, -1), tgt_idx)
         if noise is None and self.noise_std == 0:
             pred = pred + self.predictor_embed.bias  # predictor_embed(0): the deterministic I-JEPA-with-bias token
         else:

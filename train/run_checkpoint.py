@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic writes, exact-resume state, and starting from an official StoP checkpoint.
+"""Training checkpoints: atomic writes, exact-resume state (RNG states), finding and reading checkpoints.
 
 A checkpoint holds tensors and plain Python types only, so `torch.load(path, weights_only=True)` reads it.
 Layout: RUN_DIR/checkpoints/latest.pt and RUN_DIR/checkpoints/iter_XXXXXXX.pt.
@@ -9,13 +9,13 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
-from torch import nn
+import torch.distributed as dist
 
-from flexpredict_zoo.checkpoints import load_file, strip_prefix
+from flexpredict_zoo.atomic_write import write_file_atomically
 
 PathLike = Union[str, Path]
 LATEST = "latest.pt"
@@ -47,30 +47,30 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_save(state: Mapping[str, Any], path: PathLike, also: Optional[PathLike] = None) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a crash at any moment leaves
-    either the old file or the new one, never a torn one. `also` gets the same bytes (a hard link when possible)."""
+    """torch.save through atomic_write (a temporary file in the same folder, renamed into place), fsynced before
+    the rename: a crash at any moment leaves either the old file or the new one, never a torn one. `also` gets the
+    same bytes (a hard link when possible, else a copy), also renamed into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as f:
             torch.save(dict(state), f)
             f.flush()
             os.fsync(f.fileno())
-        if also is not None:
-            also = Path(also)
-            also_tmp = also.with_name(f".{also.name}.tmp.{os.getpid()}")
-            try:
-                os.link(tmp, also_tmp)
-            except OSError:  # no hard links on this file system
-                shutil.copyfile(tmp, also_tmp)
-            os.replace(also_tmp, also)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    write_file_atomically(path, write)
+    if also is not None:
+        write_file_atomically(Path(also), lambda temporary: _link_or_copy(path, temporary))
     _fsync_dir(path.parent)
     return path
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    destination.unlink()  # the empty placeholder atomic_write reserved: the link takes its (unique) name
+    try:
+        os.link(source, destination)
+    except OSError:  # no hard links on this file system
+        shutil.copyfile(source, destination)
 
 
 # ----------------------------------------------------------------------------------------------- RNG state
@@ -84,6 +84,16 @@ def rng_state() -> Dict[str, Any]:
         # numpy's state holds an ndarray: stored as a list so weights_only loading accepts it
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
+
+
+def rng_states_of_all_ranks() -> List[Dict[str, Any]]:
+    """rng_state() of every rank, in rank order (all ranks must call it; one state without a process group)."""
+    state = rng_state()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [state]
+    states: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def _plain_python_state(state):
@@ -132,22 +142,3 @@ def find_resume_checkpoint(run_dir: PathLike, resume: Union[bool, str]) -> Optio
     if not path.is_file():
         raise ResumeError(f"run.resume={resume}: no such checkpoint file")
     return path
-
-
-def load_official(path: PathLike, encoder: nn.Module, predictor: nn.Module, target_encoder: nn.Module) -> Dict[str, Any]:
-    """Start from an official StoP training checkpoint: `encoder`, `predictor`, `target_encoder` (DDP `module.`
-    keys), each loaded with strict=True. The encoders' fixed `pos_embed` is not a parameter here (it is
-    regenerated exactly), so it is dropped. Returns the file's scalar metadata (epoch, loss, ...)."""
-    ckpt = load_file(path)
-    missing = [k for k in ("encoder", "predictor", "target_encoder") if k not in ckpt]
-    if missing:
-        raise ResumeError(f"run.init_from={path} is not an official StoP training checkpoint: it has no "
-                          f"{', '.join(missing)} (keys found: {', '.join(map(str, ckpt))})")
-    for key, module in (("encoder", encoder), ("target_encoder", target_encoder), ("predictor", predictor)):
-        state = {k: v for k, v in strip_prefix(ckpt[key]).items() if not (module is not predictor and k == "pos_embed")}
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ResumeError(f"run.init_from={path}: `{key}` does not fit the configured model ({e}). Set model.name "
-                              f"and predictor.depth/embed_dim to the checkpoint's architecture") from None
-    return {k: v for k, v in ckpt.items() if isinstance(v, (int, float, str))}
