@@ -1,4 +1,4 @@
-"""An independent reference of the official StoP / I-JEPA ViT encoder, written from DESIGN.md section 2.
+"""An independent reference of the official StoP / I-JEPA ViT encoder, written from the architecture as the official code builds it.
 
 It imports neither flexpredict_zoo nor timm, so the parity tests compare the registered timm model with
 code that shares nothing with it: the position embedding is computed with numpy in float64 exactly as the
@@ -138,7 +138,7 @@ class ReferenceEncoder(nn.Module):
 
 
 def direct_pos_embed(embed_dim: int, rows: int, cols: int) -> np.ndarray:
-    """Element-by-element formula of DESIGN.md section 2 (no vectorisation), for spot checks."""
+    """Element-by-element sin-cos formula of the MAE/I-JEPA layout (no vectorisation), for spot checks."""
     d = embed_dim // 2
     out = np.zeros((rows * cols, embed_dim), dtype=np.float64)
     for r in range(rows):

@@ -1,4 +1,4 @@
-"""An independent reference of the official StoP predictor, written from DESIGN.md section 3.
+"""An independent reference of the official StoP predictor, written from the method as the paper and the official code describe it.
 
 Deliberately plain: explicit loops over target blocks and samples, attention written out by hand, its own
 numpy sin-cos, float64 throughout. It reads an official-format predictor state dict (no `module.` prefix).

@@ -34,7 +34,7 @@ def batches(collator, n, batch_size):
 
 @pytest.mark.parametrize("mode", ["official", "corrected"])
 def test_mean_sizes_at_224_16(mode):
-    # Batch 64 per GPU as in the official config; DESIGN.md: about 52 context and 33 target tokens.
+    # Batch 64 per GPU as in the official config; the official sampler gives about 52 context and 33 target tokens at 224/16.
     col = MultiBlockMaskCollator(MaskConfig(mode=mode), seed=0)
     out = batches(col, 300, 64)
     context_len = sum(c[0].shape[1] for c, _ in out) / len(out)

@@ -1,4 +1,5 @@
-"""sincos_2d against the formula of DESIGN.md section 2 and the official numpy function (float64 reference)."""
+"""sincos_2d against the MAE/I-JEPA sin-cos formula (first half of the channels: column, second half: row) and
+the official numpy function (float64 reference)."""
 from __future__ import annotations
 
 import math
