@@ -53,3 +53,29 @@ def write_folder_atomically(out_dir: Path, files: Dict[str, Callable[[Path], Non
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove that a file can be written in it, before any long job writes there; an
+    error names the folder and says what to do."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise PermissionError(f"cannot write to the output folder {str(folder)!r} ({type(error).__name__}: "
+                              f"{error.strerror or error}); choose another output path or fix its "
+                              f"permissions") from None
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Remove the temporary files that `write_file_atomically` leaves in `folder` when its process is killed
+    (kill -9, a lost node); call it only while nothing else writes there. Returns how many were removed."""
+    removed = 0
+    for temp in Path(folder).glob(".*.tmp"):
+        if temp.is_file():
+            temp.unlink(missing_ok=True)
+            removed += 1
+    return removed

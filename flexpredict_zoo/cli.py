@@ -5,7 +5,8 @@
     flexpredict-zoo download flexpredict_vit_b16 [--cache-dir DIR] [--revision REV] [--force]
     flexpredict-zoo convert vit-b16.pth.tar --out DIR [--encoder target|context] [--model NAME]
     flexpredict-zoo push DIR --repo-id ORG/NAME [--private]
-    flexpredict-zoo extract MODEL PATH... --out FILE.safetensors
+    flexpredict-zoo extract MODEL PATH... --out DIR|FILE.safetensors
+    torchrun --nproc_per_node=K -m flexpredict_zoo.cli extract MODEL PATH... --out DIR
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("extract", help="extract features of image files/folders into a safetensors file")
+    parser = sub.add_parser("extract", help="extract features of image files/folders into a feature store (a folder of "
+                                       "shards: any size, resumable, torchrun) or one safetensors file")
 
     def run(args: argparse.Namespace) -> int:
         from .features import run_extract

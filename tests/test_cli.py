@@ -156,7 +156,7 @@ def test_push_error(capsys, tmp_path):
 
 def test_extract_is_wired(capsys):
     code, out, _ = run(capsys, "extract", "--help")
-    assert code == 0 and "--out FILE.safetensors" in out
+    assert code == 0 and "--out DIR|FILE.safetensors" in out
     code, _, err = run(capsys, "extract", "flexpredict_vit_ti16")
     assert code == 2 and "--out" in err  # argparse usage error from the extract arguments
 
