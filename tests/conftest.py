@@ -164,3 +164,12 @@ def train_tiny_run(run_dir: Path, steps: int = 2, seed: int = 0) -> Path:
                      f"run.max_steps={steps}", f"run.seed={seed}"])
     assert code == 0 and (run_dir / "checkpoints" / "latest.pt").is_file()
     return run_dir
+
+
+# ------------------------------------------------------------------ flexpredict-train eval
+@pytest.fixture
+def features_cache(tmp_path, monkeypatch):
+    """The default feature-store cache of `flexpredict-train eval`, in a fresh folder for this test."""
+    cache = tmp_path / "features_cache"
+    monkeypatch.setenv("FLEXPREDICT_FEATURES_CACHE", str(cache))
+    return cache

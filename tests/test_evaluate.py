@@ -6,12 +6,14 @@ import argparse
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import flexpredict_zoo  # noqa: F401  (registers the models)
 from flexpredict_zoo.train import evaluate
 from flexpredict_zoo.train.data import ImageFolderDataset, SyntheticDataset
 from flexpredict_zoo.train.evaluate import extract, few_shot_top1, knn_top1, linear_top1, pooled_features
+from flexpredict_zoo.train.linear_probe import TensorBatches
 
 TINY = dict(embed_dim=32, depth=4, num_heads=2)
 
@@ -123,7 +125,31 @@ def test_extract_batches_skips_unreadable_and_keeps_labels(tmp_path, caplog):
         assert torch.allclose(feats, pooled_features(model, images, "last4"), atol=1e-5)
 
 
-def test_eval_cli_on_digits_with_a_run_checkpoint(tmp_path, capsys):
+def brute_force_knn_top1(train_x, train_y, test_x, test_y, k, temperature=0.07):
+    """The weighted k-NN vote written out over the whole similarity matrix (the reference for the streamed one)."""
+    sims = F.normalize(test_x, dim=1) @ F.normalize(train_x, dim=1).T
+    top, idx = sims.topk(min(k, len(train_x)), dim=1)
+    votes = torch.zeros(len(test_x), int(max(train_y.max(), test_y.max())) + 1)
+    votes.scatter_add_(1, train_y[idx], (top / temperature).exp())
+    return 100.0 * int((votes.argmax(1) == test_y).sum()) / len(test_y)
+
+
+@pytest.mark.parametrize("batch_size, chunk", [(16384, 1024), (13, 150)])  # 13 < k: a batch smaller than k
+def test_knn_streamed_over_training_batches_equals_the_whole_matrix(batch_size, chunk):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 24, generator=g)
+    train_y, test_y = torch.randint(0, 6, (700,), generator=g), torch.randint(0, 6, (300,), generator=g)
+    train_x = centres[train_y] + 1.2 * torch.randn(700, 24, generator=g)
+    test_x = centres[test_y] + 1.2 * torch.randn(300, 24, generator=g)
+    for k in (1, 20):
+        expected = brute_force_knn_top1(train_x, train_y, test_x, test_y, k)
+        assert 30.0 < expected < 100.0  # a problem where the neighbours matter
+        assert knn_top1(train_x, train_y, test_x, test_y, k=k, batch_size=batch_size, chunk=chunk) == expected
+        source = TensorBatches(train_x, train_y)  # a store-like source: no labels argument
+        assert knn_top1(source, None, test_x, test_y, k=k, batch_size=batch_size, chunk=chunk) == expected
+
+
+def test_eval_cli_on_digits_with_a_run_checkpoint(tmp_path, capsys, features_cache):
     from conftest import write_run  # a tiny flexpredict-train run folder
     run_dir = write_run(tmp_path / "run", TINY)
     parser = evaluate.add_arguments(argparse.ArgumentParser())
@@ -133,6 +159,58 @@ def test_eval_cli_on_digits_with_a_run_checkpoint(tmp_path, capsys):
     top1 = float(out.split("top-1: ")[1].split("%")[0])
     assert "k-NN (k=20" in out and "1297 train / 500 eval" in out and "features 128" in out
     assert 20.0 < top1 <= 100.0  # a random tiny encoder still clusters digits far above chance (10%)
+    # the features went through a store in the cache, one folder per weights / data / layers
+    (store_dir,) = features_cache.iterdir()
+    assert store_dir.name.startswith("run-digits-last4-") and str(store_dir) in out
+    assert (store_dir / "train" / "index.json").is_file() and (store_dir / "val" / "index.json").is_file()
+
+
+def test_store_batches_read_the_rows_extract_returns(tmp_path):
+    from flexpredict_zoo.features import extract_to_store
+    model = tiny_model()
+    ds = SyntheticDataset(10, img_size=32, num_classes=3)
+    for layers, blocks in (("last", None), ("last4", [0, 1, 2, 3])):
+        store = extract_to_store(model, ds, tmp_path / layers, layers=blocks, batch_size=4, shard_size=4)
+        source = evaluate.StoreBatches(store, layers)
+        feats, labels = extract(model, ds, layers, batch_size=4)
+        loaded = source.load()
+        assert len(source) == 10 and torch.allclose(loaded[0], feats, atol=1e-6) and torch.equal(loaded[1], labels)
+        batches = list(source.iter_batches(3, shuffle=True, seed=1))
+        assert max(len(x) for x, _ in batches) == 3 and sorted(torch.cat([y for _, y in batches]).tolist()) == \
+            sorted(labels.tolist())
+    with pytest.raises(ValueError, match="holds layers \\[\\], not the last 4 blocks"):
+        evaluate.StoreBatches(extract_to_store(model, ds, tmp_path / "last"), "last4")
+
+
+def test_eval_linear_on_digits_names_its_choice_and_a_second_eval_extracts_nothing(tmp_path, capsys, monkeypatch):
+    from conftest import write_run
+    import flexpredict_zoo.features as features
+    encoded = []
+    real_encode = features.encode_batch
+    monkeypatch.setattr(features, "encode_batch", lambda model, images, *a, **k: encoded.append(len(images))
+                        or real_encode(model, images, *a, **k))
+    run_dir = write_run(tmp_path / "run", TINY)
+    argv = ["linear", "--checkpoint", str(run_dir), "--data", "digits", "--features-dir", str(tmp_path / "feats"),
+            "--lrs", "0.1", "1.0", "--weight-decays", "0", "1e-3", "--min-steps", "30", "--epochs", "1",
+            "--device", "cpu"]
+    args = evaluate.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+    result = evaluate.evaluate_checkpoint(args)
+    assert sum(encoded) >= 1297 + 500  # every image extracted once
+    assert (result["lr"], result["weight_decay"]) in [(0.1, 0.0), (0.1, 1e-3), (1.0, 0.0), (1.0, 1e-3)]
+    assert len(result["sweep"]) == 4 and result["refit"] and result["train_rows"] == 1297
+    assert 80 < result["val_rows"] < 180 and result["test_rows"] == 500  # 10% of 1,297 held out
+    assert result["epochs"] == 15 and 20.0 < result["top1"] <= 100.0 and 20.0 < result["val_top1"] <= 100.0
+
+    encoded.clear()
+    shards = sorted((tmp_path / "feats").rglob("*.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in shards]
+    assert evaluate.run(args) == 0
+    out = capsys.readouterr().out
+    assert sum(encoded) <= 2  # at most the one-image check per store: nothing extracted again
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes and "already complete" in out
+    line = out.strip().splitlines()[-1]
+    assert (f"lr {result['lr']:g}, weight decay {result['weight_decay']:g}, held-out top-1 {result['val_top1']:.2f}%"
+            in line and f"top-1: {result['top1']:.2f}%" in line and "1297 train / 500 eval" in line)
 
 
 def test_eval_folder_needs_train_and_val(tmp_path):
