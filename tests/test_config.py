@@ -75,3 +75,13 @@ def test_official_recipes(name, model, depth, sigma, epochs, lr, warmup, constan
 def test_defaults_are_the_b16_recipe():
     d = TrainConfig()
     assert (d.optim.lr_start, d.optim.lr_peak, d.optim.lr_final, d.predictor.noise_std) == (2e-4, 8e-4, 1e-4, 0.25)
+
+
+@pytest.mark.parametrize("override, key", [("optim.lr_peak=nan", "optim.lr_peak"), ("optim.lr_peak=.nan", "optim.lr_peak"),
+                                           ("optim.clip_grad=.inf", "optim.clip_grad"),
+                                           ("predictor.noise_std=-.inf", "predictor.noise_std"),
+                                           ("mask.target_scale=[0.15,.nan]", "mask.target_scale")])
+def test_non_finite_numbers_are_refused(override, key):
+    # NaN passes every bound check (all comparisons with it are False): it needs a check of its own.
+    with pytest.raises(ConfigError, match=f"'{key}' must be a finite number"):
+        load_config("tiny_cpu", [override])

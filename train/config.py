@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -304,8 +305,18 @@ def _choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     _check(value in choices, f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _check_finite(cfg: TrainConfig) -> None:
+    # YAML reads .nan and .inf as floats: no bound below would catch them (every comparison with NaN is False).
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            numbers = value if isinstance(value, list) else [value]
+            bad = [v for v in numbers if isinstance(v, float) and not math.isfinite(v)]
+            _check(not bad, f"config key '{section}.{key}' must be a finite number, got {value!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
     m, p, k, d, o, r = cfg.model, cfg.predictor, cfg.mask, cfg.data, cfg.optim, cfg.run
+    _check_finite(cfg)
     import timm
 
     import flexpredict_zoo  # noqa: F401  (registers the models)
