@@ -69,10 +69,20 @@ def resolve_weight_file(path: PathLike) -> Path:
     return path
 
 
+def _is_safetensors(path: Path) -> bool:
+    """The safetensors layout (an 8-byte little-endian header length, then a JSON header), whatever the file's name."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
 def load_file(path: PathLike) -> Dict[str, Any]:
     """Read a weight file without unpickling arbitrary objects; corrupt or unsafe files raise CheckpointError."""
     path = resolve_weight_file(path)
-    if path.suffix == ".safetensors":
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): it was never written completely (an interrupted download, "
+                              f"copy or save); delete it and download, export or save it again")
+    if path.suffix == ".safetensors" or _is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
         try:
@@ -82,7 +92,7 @@ def load_file(path: PathLike) -> Dict[str, Any]:
                                   f"download or export it again") from e
     mmap = zipfile.is_zipfile(path)  # torch's zip format can be memory-mapped; the legacy format cannot
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch raises UnpicklingError both for a disallowed global (an object we refuse to build) and for
         # bytes that are no pickle at all (a corrupt file); only the first is a safety refusal.
@@ -95,8 +105,13 @@ def load_file(path: PathLike) -> Dict[str, Any]:
             f"(first one: {unsafe.group(1)}), and loading it would run arbitrary code. Only load weights you "
             f"trust; convert a trusted checkpoint to safetensors first") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); it is "
-                              f"truncated or corrupt: delete it and download it again") from e
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # EOFError often has no message
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}); it is truncated or corrupt: "
+                              f"delete it and download it again") from e
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dict of weights: pass a training "
+                              f"checkpoint (a dict with {' or '.join(ENCODER_KEYS)}) or a state dict of tensors")
+    return checkpoint
 
 
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> Dict[str, Any]:

@@ -237,3 +237,34 @@ def test_export_folder_loads_with_in_chans_and_num_classes(tmp_path):
         assert torch.equal(model.patch_embed.proj.weight, source.patch_embed.proj.weight.sum(1, keepdim=True)), name
         assert model.head.weight.shape == (4, 192)
         assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+
+
+def test_empty_file_is_named_as_empty_on_every_load_path(tmp_path):
+    empty = tmp_path / "vit-b16.pth.tar"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\)") as info:
+        load_file(empty)
+    assert str(empty) in str(info.value)
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\)"):
+        timm.create_model("flexpredict_vit_ti16", pretrained=True, pretrained_cfg_overlay=dict(file=str(empty)), **DEPTH2)
+    from flexpredict_zoo.convert import convert_checkpoint
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\)"):
+        convert_checkpoint(empty, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, kind", [([1, 2, 3], "list"), (torch.zeros(3), "Tensor"), ((1, 2), "tuple")])
+def test_a_file_that_is_no_dict_says_what_it_holds(tmp_path, content, kind):
+    path = tmp_path / "weights.pth"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match=f"holds a {kind}, not a dict of weights") as info:
+        load_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_safetensors_bytes_under_another_name_load_as_safetensors(tmp_path):
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.int64)}
+    path = tmp_path / "model.pth"
+    save_file(state, str(path))
+    loaded = load_file(path)
+    assert set(loaded) == {"a", "b"} and all(torch.equal(loaded[k], state[k]) for k in state)
