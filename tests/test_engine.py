@@ -96,6 +96,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["encoder"].values())
 
 
+def test_non_finite_loss_before_any_checkpoint_names_none(tmp_path):
+    cfg = tiny(tmp_path, run={"log_every": 1, "checkpoint_every": 100})
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at iteration 2\b") as e:
+        train(cfg, dataset=TurnsNaN(good=4))  # iteration 1 fine, 2 reads NaN images; no checkpoint yet
+    assert "none was written before it" in str(e.value) and "latest.pt" not in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints" / "latest.pt").exists()
+
+
 class WithUnreadable(torch.utils.data.Dataset):
     def __init__(self, bad):
         self.base, self.bad = SyntheticDataset(16, img_size=32), set(bad)

@@ -237,9 +237,8 @@ class Trainer:
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"loss is {value} at iteration {first + offset} (after iteration {first + offset - 1}); training "
-                    f"stopped and no checkpoint was written after it: the last good one is "
-                    f"{run_checkpoint.checkpoint_dir(self.run_dir) / 'latest.pt'}. Lower optim.lr_peak, set "
-                    f"optim.clip_grad, or use run.precision=fp32/bf16, then resume")
+                    f"stopped and no checkpoint was written after it: {self._last_good_checkpoint()}. Lower "
+                    f"optim.lr_peak, set optim.clip_grad, or use run.precision=fp32/bf16, then resume")
         self.losses.extend(values)
         self._window_values.extend(values)
 
@@ -265,12 +264,17 @@ class Trainer:
         ok = torch.stack([n.float() for n in norms]).isfinite().all().float()
         return bool(dist_utils.all_reduce_mean(ok).item() == 1.0)
 
+    def _last_good_checkpoint(self) -> str:
+        latest = run_checkpoint.checkpoint_dir(self.run_dir) / run_checkpoint.LATEST
+        if latest.is_file():
+            return f"the last good one is {latest}"
+        return "none was written before it (the run starts again from scratch)"
+
     def _save(self, keep: bool) -> None:
         self._drain()  # raises before anything is written when a loss went non-finite
         if not self._weights_finite():
             raise NonFiniteLossError(f"the weights became non-finite at iteration {self.iteration}; no checkpoint was "
-                                     f"written: the last good one is "
-                                     f"{run_checkpoint.checkpoint_dir(self.run_dir) / 'latest.pt'}")
+                                     f"written: {self._last_good_checkpoint()}")
         rng = run_checkpoint.rng_states_of_all_ranks()
         if self.env.is_main:
             folder = run_checkpoint.checkpoint_dir(self.run_dir)
