@@ -153,3 +153,9 @@ def test_resume_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ResumeError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+    # A web page saved under the checkpoint's name: the message must never pass on torch's advice to retry with
+    # weights_only=False (that would run whatever the file holds).
+    (tmp_path / "page.html").write_text("<!DOCTYPE html><html><body>Not found</body></html>\n")
+    with pytest.raises(ResumeError, match="cannot read checkpoint") as e:
+        load_checkpoint(tmp_path / "page.html")
+    assert "weights_only" not in str(e.value) and str(tmp_path / "page.html") in str(e.value)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from flexpredict_zoo.atomic_write import write_file_atomically
+from flexpredict_zoo.checkpoints import CheckpointError, load_file
 
 PathLike = Union[str, Path]
 LATEST = "latest.pt"
@@ -119,11 +120,11 @@ def load_checkpoint(path: PathLike) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ResumeError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torn or foreign file
-        raise ResumeError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is not a checkpoint written "
-                          f"by flexpredict-train, or it is corrupt: pass another one with run.resume=PATH") from e
+    try:  # the zoo's one safe reader: weights_only, and a message that never advises weights_only=False
+        return load_file(path)
+    except CheckpointError as e:  # torn or foreign file
+        raise ResumeError(f"cannot read checkpoint {path}: it is not a checkpoint written by flexpredict-train, or it "
+                          f"is truncated or corrupt; pass another one with run.resume=PATH") from e
 
 
 def find_resume_checkpoint(run_dir: PathLike, resume: Union[bool, str]) -> Optional[Path]:
