@@ -7,11 +7,14 @@ encoder's bytes (not the optimizer state).
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -69,11 +72,29 @@ def resolve_weight_file(path: PathLike) -> Path:
     return path
 
 
+def read_safetensors_header(path: PathLike) -> Tuple[Dict[str, Any], int]:
+    """(header, offset of the data) of a safetensors file: 8 bytes little-endian header length, the JSON header
+    ({name: {dtype, shape, data_offsets}, "__metadata__": {...}}), then the tensors' bytes. ValueError otherwise."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > os.path.getsize(path) - 8:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError, struct.error) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+    return header, 8 + length
+
+
 def _is_safetensors(path: Path) -> bool:
-    """The safetensors layout (an 8-byte little-endian header length, then a JSON header), whatever the file's name."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    """The safetensors layout, whatever the file's name."""
+    try:
+        read_safetensors_header(path)
+    except ValueError:
+        return False
+    return True
 
 
 def load_file(path: PathLike) -> Dict[str, Any]:

@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import os
-import struct
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from .atomic_write import remove_stale_temporaries, write_file_atomically
+from .checkpoints import read_safetensors_header
 
 __all__ = ["FeatureStore", "ShardedArray", "open_features", "begin_store", "finish_store", "StorePlan", "store_lock",
            "StoreInUseError",
@@ -100,21 +100,6 @@ def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> List[
 
 
 # ----------------------------------------------------------------------------------------------- safetensors headers
-
-def read_safetensors_header(path: Path) -> Tuple[Dict[str, Any], int]:
-    """(header, offset of the data) of a safetensors file: 8 bytes little-endian header length, the JSON header
-    ({name: {dtype, shape, data_offsets}, "__metadata__": {...}}), then the tensors' bytes."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > os.path.getsize(path):
-                raise ValueError("header length beyond the end of the file")
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error}); write it with save_features or "
-                         f"`flexpredict-zoo extract`") from None
-    return header, 8 + length
-
 
 def _shard_metadata(path: Path) -> Dict[str, str]:
     return dict(read_safetensors_header(path)[0].get("__metadata__") or {})
