@@ -36,7 +36,7 @@ from flexpredict_zoo.features import (encode_batch, eval_transform, extract_feat
                                       normalise_layers)
 
 from .data import DigitsDataset, ImageFolderDataset
-from .linear_probe import (EPOCHS, LEARNING_RATES, MIN_STEPS, VAL_FRACTION, WEIGHT_DECAYS, as_batches,
+from .linear_probe import (EPOCHS, LEARNING_RATES, MIN_STEPS, VAL_FRACTION, WEIGHT_DECAYS, as_batches, as_tensor,
                            fit_linear_probe)
 from .linear_probe import BATCH_SIZE as PROBE_BATCH_SIZE
 
@@ -82,10 +82,6 @@ def extract(model: torch.nn.Module, data: Dataset, layers: str = "last",
 
 
 # ----------------------------------------------------------------------------------------------- classifiers
-def _as_tensor(x) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-
-
 def knn_top1(train_features, train_labels, test_features, test_labels, k: int = KNN_K,
              temperature: float = KNN_TEMPERATURE, chunk: int = 1024, batch_size: int = 16384,
              device: Union[str, torch.device, None] = None) -> float:
@@ -97,8 +93,8 @@ def knn_top1(train_features, train_labels, test_features, test_labels, k: int = 
     keeps its k best neighbours across the training batches, so neither side is ever compared whole."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train = as_batches(train_features, train_labels)
-    test = torch.nn.functional.normalize(_as_tensor(test_features).float().to(device), dim=1)
-    test_y = _as_tensor(test_labels).long().to(device)
+    test = torch.nn.functional.normalize(as_tensor(test_features).float().to(device), dim=1)
+    test_y = as_tensor(test_labels).long().to(device)
     best_sims = torch.full((len(test), k), -math.inf, device=device)
     best_labels = torch.zeros((len(test), k), dtype=torch.long, device=device)
     num_classes = int(test_y.max()) + 1 if len(test_y) else 1
@@ -137,9 +133,9 @@ def _fit_linear(train_features, train_labels, C: float, max_iter: int, seed: int
 def linear_top1(train_features, train_labels, test_features, test_labels, C: float = LINEAR_C,
                 max_iter: int = LINEAR_MAX_ITER, seed: int = 0) -> float:
     """Linear-probe top-1 in percent: multinomial logistic regression (L2, C) on standardised features."""
-    clf = _fit_linear(_as_tensor(train_features).numpy(), _as_tensor(train_labels).numpy(), C, max_iter, seed)
-    pred = clf.predict(np.asarray(_as_tensor(test_features).numpy(), dtype=np.float64))
-    return 100.0 * float((pred == _as_tensor(test_labels).numpy()).mean())
+    clf = _fit_linear(as_tensor(train_features).numpy(), as_tensor(train_labels).numpy(), C, max_iter, seed)
+    pred = clf.predict(np.asarray(as_tensor(test_features).numpy(), dtype=np.float64))
+    return 100.0 * float((pred == as_tensor(test_labels).numpy()).mean())
 
 
 def few_shot_top1(train_features, train_labels, test_features, test_labels, shots: int = 5, draws: int = 10,
@@ -147,7 +143,7 @@ def few_shot_top1(train_features, train_labels, test_features, test_labels, shot
                   return_std: bool = False) -> Union[float, Tuple[float, float]]:
     """Few-shot top-1 in percent: a linear probe trained on `shots` random examples per class, evaluated on
     the whole test set; the mean (and standard deviation) over `draws` random draws (draw i uses seed + i)."""
-    train_x, train_y = _as_tensor(train_features).numpy(), _as_tensor(train_labels).numpy()
+    train_x, train_y = as_tensor(train_features).numpy(), as_tensor(train_labels).numpy()
     classes = np.unique(train_y)
     scores = []
     for draw in range(draws):

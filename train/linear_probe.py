@@ -57,7 +57,8 @@ class FeatureBatches(Protocol):
                      seed: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def _as_tensor(x) -> torch.Tensor:
+def as_tensor(x) -> torch.Tensor:
+    """A tensor, numpy array or (read-only) memory-map slice as a torch tensor, without a copy where one is not needed."""
     if isinstance(x, torch.Tensor):
         return x
     array = np.asarray(x)
@@ -89,7 +90,7 @@ class TensorBatches:
             else:
                 rows = order[start:start + batch_size].sort().values
                 rows = rows.numpy() if numpy_rows else rows
-            yield _as_tensor(self.features[rows]), _as_tensor(self.labels[rows])
+            yield as_tensor(self.features[rows]), as_tensor(self.labels[rows])
 
 
 def as_batches(features, labels=None) -> FeatureBatches:
