@@ -21,12 +21,11 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import transforms
 
-from flexpredict_zoo.features import IMAGE_EXTENSIONS, UnreadableImage, eval_transform, read_image  # noqa: F401 (re-exported)
+from flexpredict_zoo.features import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage,  # noqa: F401
+                                      eval_transform, read_image)  # (re-exported)
 
 from .masks import derive_seed
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = IMAGE_EXTENSIONS  # the zoo's one list: what extraction reads is what training and eval read
 
 # scikit-learn's digits: 1,797 images of 8x8 grey values 0..16, 10 classes. A stratified split with a fixed
