@@ -117,7 +117,7 @@ def stage_equality(smoke: bool) -> Dict[str, Any]:
         patch = inductor_config.patch(fallback_random=True)  # compiled randn = eager randn, same generator
 
     def make(precision: str, run_dir: str) -> Trainer:
-        cfg = load_config(config)
+        cfg = load_config(config, ["data.dataset=synthetic"])
         cfg.data.batch_size, cfg.data.dataset, cfg.data.synthetic_size, cfg.data.num_workers = batch, "synthetic", batch, 0
         cfg.run.output_dir, cfg.run.resume, cfg.run.compile = run_dir, False, False
         cfg.run.precision, cfg.run.device = precision, device
@@ -154,7 +154,7 @@ def stage_equality(smoke: bool) -> Dict[str, Any]:
             "max_abs_diff": max(abs(f - e) for f, e in zip(fast_losses, eager_losses)),
             "max_rel_diff": relative[worst], "worst_step": worst, "rtol": EQUALITY_RTOL,
             "passed": same_init and relative[worst] <= EQUALITY_RTOL and all(map(math.isfinite, fast_losses)),
-            "first_losses": [eager_losses[0], fast_losses[0]], "last_losses": [eager_losses[-1], fast_losses[-1]],
+            "eager_losses": eager_losses, "fast_losses": fast_losses,
             "compiles": counter.compiles}
 
 
@@ -190,6 +190,14 @@ def _row(stage: str, result: Dict[str, Any]) -> List[List[str]]:
     return [[stage, json.dumps(result), "", ""]]
 
 
+def _write_json(path: str, device: str, results: Dict[str, Any]) -> None:
+    import timm
+    from flexpredict_zoo.atomic_write import write_file_atomically
+    text = json.dumps({"device": device, "torch": torch.__version__, "timm": timm.__version__, "results": results},
+                      indent=1, default=str)
+    write_file_atomically(Path(path), lambda tmp: tmp.write_text(text))
+
+
 def format_table(rows: List[List[str]]) -> str:
     header = ["check", "result", "target", "notes"]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
@@ -212,6 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run on the GPU machine, or use --smoke on CPU")
+    device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
     start = time.perf_counter()
     results: Dict[str, Any] = {}
     for stage in stages:
@@ -233,12 +242,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 torch.cuda.empty_cache()
         results[stage]["stage_s"] = time.perf_counter() - t0
         print(f"[gpu_check] {stage} done in {results[stage]['stage_s']:.0f} s", flush=True)
-    device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
+        if args.json:  # after every stage: what was measured survives a later stage's crash or a timeout
+            _write_json(args.json, device, results)
     print(f"\nFlexPredict GPU check on {device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s total")
     print(format_table([row for stage in stages for row in _row(stage, results[stage])]))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "results": results},
-                                              indent=1, default=str))
     failed = any("error" in r for r in results.values()) or \
         (results.get("equality", {}).get("passed") is False)
     return 1 if failed else 0

@@ -3,11 +3,17 @@
 #   bash benchmarks/gpu_check.sh                 # GPU
 #   bash benchmarks/gpu_check.sh --smoke         # CPU, tiny configs (< 2 min): checks that the script works
 # Extra arguments go to benchmarks/gpu_check.py (--only b16,equality  --budget-s 330  --h16-grad-checkpointing
-# --json results.json). Assumes the checkout is importable (PYTHONPATH=. or an editable install); no network.
+# --json results.json). Works from an install or a bare checkout; no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
+# train/ installs as flexpredict_zoo.train (pyproject's package-dir), so a bare checkout on PYTHONPATH cannot import it;
+# without an install, assemble the installed layout in a temporary folder (a copy: 4 MB, nothing changed here)
+if ! python -c "import flexpredict_zoo.train" 2>/dev/null; then
+  layout="$(mktemp -d)"; trap 'rm -rf "$layout"' EXIT
+  cp -rL flexpredict_zoo "$layout/" && rm -rf "$layout/flexpredict_zoo/train" && cp -r train "$layout/flexpredict_zoo/train"
+  export PYTHONPATH="$layout${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export HF_HUB_OFFLINE=1
 # nvidia-smi line for the record (the table names the card too)
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec python benchmarks/gpu_check.py "$@"
+python benchmarks/gpu_check.py "$@"

@@ -64,7 +64,10 @@ def _build_trainer(args: argparse.Namespace, run_dir: str):
     from .config import load_config
     from .engine import Trainer
 
-    cfg = load_config(args.config, list(args.overrides))
+    # the data source goes in as overrides, so that validation sees it (a folder config without data.root is refused)
+    source = (["data.dataset=synthetic"] if args.data == "synthetic" else
+              ["data.dataset=folder", f"data.root={args.data}"])
+    cfg = load_config(args.config, source + list(args.overrides))
     batch = args.batch_size or cfg.data.batch_size
     cfg.data.batch_size = batch
     cfg.run.output_dir = run_dir
@@ -78,11 +81,8 @@ def _build_trainer(args: argparse.Namespace, run_dir: str):
     if args.workers is not None:
         cfg.data.num_workers = args.workers
     if args.data == "synthetic":
-        cfg.data.dataset = "synthetic"
         cfg.data.synthetic_size = batch  # never read in the timed loop; just enough to build the Trainer
         cfg.data.num_workers = 0
-    else:
-        cfg.data.dataset, cfg.data.root = "folder", args.data
     cfg.optim.iterations_per_epoch = None
     trainer = Trainer(cfg)
     if args.grad_checkpointing:

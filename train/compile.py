@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["CompileCounter", "CompiledCallable", "compile_module", "compile_model", "mark_tokens_dynamic", "dynamo_stats",
-           "reset_compiler"]
+__all__ = ["CompileCounter", "CompiledCallable", "compile_module", "compile_model", "inductor_workarounds",
+           "mark_tokens_dynamic", "dynamo_stats", "reset_compiler"]
 
 
 class CompileCounter:
@@ -51,15 +51,28 @@ class CompileCounter:
                             for x in example_inputs])
         if callable(self.backend):
             return self.backend(gm, example_inputs)
-        if self.backend == "inductor" and (self.mode or self.options):
+        if self.backend == "inductor":
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
-            patches = dict(list_mode_options(self.mode) if self.mode else {}, **self.options)
+            patches = dict(inductor_workarounds(), **(list_mode_options(self.mode) if self.mode else {}))
+            patches.update(self.options)
             return compile_fx(gm, example_inputs, config_patches=patches)
         return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
 
     def summary(self) -> Dict[str, int]:
         return {"compiles": self.compiles, "recompiles": self.recompiles}
+
+
+def inductor_workarounds() -> Dict[str, Any]:
+    """Inductor settings the train step needs on the torch versions that have them.
+
+    `triton.mix_order_reduction` (on by default in torch 2.11) fuses a row reduction with a column reduction
+    through a workspace sized for the first shapes it saw; with our dynamic token dimension the compiled backward
+    of the predictor then fails on an H200 with `RuntimeError: shape '[1408, 384]' is invalid for input of size
+    832` (benchmarks/gpu_check.py, torch 2.11.0+cu130). With it off the same run trains with 0 recompiles."""
+    import torch._inductor.config as inductor_config
+    triton_config = getattr(inductor_config, "triton", None)
+    return {"triton.mix_order_reduction": False} if hasattr(triton_config, "mix_order_reduction") else {}
 
 
 def mark_tokens_dynamic(value: Any, dim: int = 1) -> None:
