@@ -36,6 +36,7 @@ from torch import nn
 
 from .atomic_write import remove_stale_temporaries, write_file_atomically
 from .checkpoints import read_safetensors_header
+from .locks import OutputInUseError, output_lock
 
 __all__ = ["FeatureStore", "ShardedArray", "open_features", "begin_store", "finish_store", "StorePlan", "store_lock",
            "StoreInUseError",
@@ -114,34 +115,18 @@ class StorePlan(NamedTuple):
     state: str  # "new", "resumed" or "complete"
 
 
-class StoreInUseError(OSError):
+class StoreInUseError(OutputInUseError):
     """Another extraction is writing to the store."""
 
 
 @contextlib.contextmanager
 def store_lock(out_dir: PathLike) -> Iterator[None]:
     """Hold the store's lock while one extraction (its rank 0) writes there: a second extraction into the same
-    folder fails at once instead of mixing its shards with the first's. The operating system releases the lock
-    when the process dies (kill -9 included), so a stopped run never blocks the rerun."""
+    folder fails at once, naming the first, instead of mixing its shards with the first's (locks.output_lock)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks (Windows): one extraction at a time is then up to the user
+    with output_lock(out_dir / LOCK_NAME, out_dir, "extraction", StoreInUseError):
         yield
-        return
-    with open(out_dir / LOCK_NAME, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise StoreInUseError(f"another extraction is writing to {out_dir} (it holds {out_dir / LOCK_NAME}); wait "
-                               f"for it to finish or stop it, then run this command again") from None
-        try:
-            yield
-        finally:
-            if not (out_dir / INDEX_NAME).is_file():  # not a store (a refused folder): leave nothing behind
-                (out_dir / LOCK_NAME).unlink(missing_ok=True)
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _store_files(out_dir: Path) -> List[Path]:

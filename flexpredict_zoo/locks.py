@@ -1,0 +1,100 @@
+"""One process per output: an advisory lock that names its holder.
+
+Every long job that writes an output (a feature file or store, a training run folder, a converted or exported
+model folder) holds `output_lock` for it, so a second process aimed at the same output fails at once with an
+error that names the first (pid, host, command, start time) instead of silently replacing its result or mixing
+its files with them. The lock is `flock` on a small file: the operating system releases it when the holder dies
+(kill -9 included), so a crashed run never blocks the rerun; the file itself is removed on release.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+__all__ = ["OutputInUseError", "output_lock", "lock_path_beside"]
+
+PathLike = Union[str, os.PathLike]
+
+
+class OutputInUseError(OSError):
+    """Another process holds the lock of the output this one was asked to write."""
+
+
+def lock_path_beside(output: PathLike) -> Path:
+    """The lock file of an output that is replaced as a whole (a file, a converted folder): `.NAME.lock` beside it."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
+
+
+def _holder() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                       "since": datetime.datetime.now().isoformat(timespec="seconds")})
+
+
+def _describe(lock_file: Path) -> str:
+    try:
+        holder = json.loads(lock_file.read_text() or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    if not holder.get("pid"):
+        return "another process"
+    command = holder.get("command") or "?"
+    return (f"process {holder['pid']} on {holder.get('host', '?')}, running `{command}` since "
+            f"{holder.get('since', '?')}")
+
+
+@contextlib.contextmanager
+def output_lock(lock_file: PathLike, output: PathLike, job: str = "process",
+                error: type = OutputInUseError) -> Iterator[None]:
+    """Hold `lock_file` (created if missing) while this process writes `output`; `job` names what writes it in the
+    error ("extraction", "training run", ...), raised as `error` (a subclass of OutputInUseError) when another
+    process holds the lock."""
+    lock_file, output = Path(lock_file), Path(output)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): one writer per output is then up to the user
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(lock_file, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise error(f"{output} is in use: {_describe(lock_file)} is writing it (lock {lock_file}); wait for that "
+                        f"{job} to finish or stop it, or choose another output") from None
+        # the previous holder may have removed the file between our open and our lock: then we hold a lock on a
+        # file nobody else will open, so start again on the current one
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(_holder())
+        handle.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_file.unlink()  # while still holding it: a waiting process sees the inode change and retries
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def read_holder(lock_file: PathLike) -> Optional[dict]:
+    """The holder record in a lock file (None if absent or unreadable): for tests and diagnostics."""
+    try:
+        return json.loads(Path(lock_file).read_text() or "null")
+    except (OSError, ValueError):
+        return None
