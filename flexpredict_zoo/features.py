@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ from .feature_store import (SHARD_TARGET_BYTES, FeatureStore, begin_store, finis
                             open_features, shard_file_name, state_dict_sha256, store_lock)
 
 __all__ = ["FeatureResult", "extract_features", "extract_to_store", "open_features", "FeatureStore", "encode_batch",
-           "save_features", "load_features", "find_images",
+           "save_features", "load_features", "find_images", "walk_images", "ImageFile",
            "eval_transform", "model_eval_transform", "model_data_config", "UnreadableImage", "read_image",
            "normalise_layers", "add_extract_arguments", "run_extract", "IMAGE_EXTENSIONS"]
 
@@ -98,10 +100,69 @@ def _is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Tuple[Path, str]]:
-    """(path on disk, name) for every image, in a deterministic order.
+class ImageFile(NamedTuple):
+    """A file found by `walk_images`: its path, its name for outputs, and, when it cannot be read, why (it is
+    then reported as skipped with that reason, never left out)."""
+    path: Path
+    name: str
+    problem: Optional[str] = None
 
-    A single folder: its image files, recursively, named relative to the folder and sorted by that name.
+
+def _link_problem(path: Path, error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if path.is_symlink():
+        return f"broken symbolic link to {os.readlink(path)}"
+    return f"cannot open: {error.strerror or error}"
+
+
+def walk_images(folder: PathLike) -> List[ImageFile]:
+    """Every file under `folder` that looks like an image (IMAGE_EXTENSIONS), sorted by its path relative to
+    `folder` (its name), for extraction and training alike.
+
+    Symbolic links to folders are followed, each real folder once (a link back to an ancestor, or a second link
+    to the same folder, is not walked again); a broken link, a link loop, something that is not a regular file
+    (a FIFO named .jpg) and a subfolder that cannot be listed are returned with their `problem`, so callers
+    report them as skipped."""
+    folder = Path(folder)
+    found: List[ImageFile] = []
+    visited = set()
+
+    def relative(path: Union[str, Path]) -> str:
+        return Path(path).relative_to(folder).as_posix()
+
+    def unlisted(error: OSError) -> None:
+        if Path(error.filename) == folder:
+            raise PermissionError(f"cannot list the folder {str(folder)!r} ({error.strerror or error}); check its "
+                                  f"permissions") from None
+        found.append(ImageFile(Path(error.filename), relative(error.filename) + "/",
+                               f"cannot list folder: {error.strerror or error}"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlisted, followlinks=True):
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in visited:  # reached again through a link: walked already
+            dirnames[:] = []
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        dirnames.sort()  # a deterministic walk, so which of two links to a folder counts is deterministic too
+        for filename in filenames:
+            path = Path(dirpath) / filename
+            if not _is_image_file(path):
+                continue
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as error:
+                found.append(ImageFile(path, relative(path), _link_problem(path, error)))
+                continue
+            problem = None if stat.S_ISREG(mode) else "not a regular file"
+            found.append(ImageFile(path, relative(path), problem))
+    return sorted(found, key=lambda f: f.name)
+
+
+def find_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[ImageFile]:
+    """ImageFile(path on disk, name, problem) for every image, in a deterministic order.
+
+    A single folder: its image files (`walk_images`), named relative to the folder and sorted by that name.
     A list: in the order given; a file is taken whatever its extension and named as given; a folder expands
     to its sorted image files named `folder/relative/path`. A missing path or a folder without images is an error.
     """
@@ -109,42 +170,67 @@ def find_images(inputs: Union[PathLike, Sequence[PathLike]]) -> List[Tuple[Path,
     items = [inputs] if single else list(inputs)
     if not items:
         raise ValueError("no input paths given: pass image files or folders of images")
-    found: List[Tuple[Path, str]] = []
+    found: List[ImageFile] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
-                           if p.is_file() and _is_image_file(p))
+            files = walk_images(path)
             if not files:
                 raise ValueError(f"no images found in folder {str(path)!r} (searched recursively for "
                                  f"{', '.join(IMAGE_EXTENSIONS)}); pass a folder that holds images")
-            for relative, file in files:
-                found.append((file, relative if single else (Path(item) / relative).as_posix()))
+            found.extend(f if single else f._replace(name=(Path(item) / f.name).as_posix()) for f in files)
         elif path.is_file():
-            found.append((path, str(item)))
+            found.append(ImageFile(path, str(item)))
         else:
             raise FileNotFoundError(f"input path {str(item)!r} does not exist; pass image files or folders of images")
     return found
 
 
-def read_image(path: PathLike):
-    """The image at `path` as an RGB PIL image, fully decoded (so a truncated file fails here, not later)."""
+def _to_8_bit(image):
+    """16-bit and float greyscale images as 8-bit "L" images, scaled (PIL's own conversion clips them: a 16-bit
+    PNG turns almost white). 16-bit samples v become round(v / 257), so an 8-bit picture stored in 16 bits
+    (v * 257) comes back exactly; floats must lie in [0, 1]."""
+    import numpy as np
     from PIL import Image
-    with Image.open(path) as image:
+    values = np.asarray(image)
+    if image.mode == "F":
+        low, high = float(values.min()), float(values.max())
+        if not (np.isfinite(low) and np.isfinite(high) and low >= 0.0 and high <= 1.0):
+            raise ValueError(f"a floating-point image with values in [{low:g}, {high:g}]; only floats in [0, 1] are "
+                             f"understood: save it as an 8- or 16-bit image")
+        scaled = np.rint(values.astype(np.float64) * 255.0)
+    else:  # "I;16*" (16-bit) or "I" (32-bit integers, as PIL opens some 16-bit files)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"a 32-bit integer image with values in [{low}, {high}], outside the 16-bit range; "
+                             f"save it as an 8- or 16-bit image")
+        scaled = np.rint(values.astype(np.float64) / 257.0)
+    return Image.fromarray(scaled.astype(np.uint8), "L")
+
+
+def read_image(source: Union[PathLike, Any]):
+    """The image at `source` (a path or a binary file object) as an RGB PIL image, fully decoded (so a truncated
+    file fails here, not later); 16-bit and float images are scaled to 8 bits (`_to_8_bit`), not clipped."""
+    from PIL import Image
+    with Image.open(source) as image:
+        if image.mode == "F" or image.mode.startswith("I"):
+            return _to_8_bit(image).convert("RGB")
         return image.convert("RGB")
 
 
 class _ImagePaths(Dataset):
     """Items (image, -1) of image files, or UnreadableImage(name, reason)."""
 
-    def __init__(self, files: Sequence[Tuple[Path, str]]):
+    def __init__(self, files: Sequence[ImageFile]):
         self.files = list(files)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        path, name = self.files[index]
+        path, name, problem = self.files[index]
+        if problem is not None:
+            return UnreadableImage(name, problem)
         try:
             return read_image(path), -1
         except Exception as error:  # any failure is recorded with its reason, never dropped silently

@@ -13,7 +13,7 @@ import random
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import transforms
 
 from flexpredict_zoo.features import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage,  # noqa: F401
-                                      eval_transform, read_image)  # (re-exported)
+                                      eval_transform, read_image, walk_images)  # (re-exported)
 
 from .masks import derive_seed
 
@@ -172,32 +172,29 @@ def pretraining_loader(dataset: Dataset, sampler: Sampler, mask_collator: Any, *
 class ImageFolderDataset(Dataset):
     """ImageNet-style class folders (labels = sorted folder names) or a flat folder of images (label -1).
 
-    With class folders, images are found recursively inside each class folder and files lying directly in
-    `root` are ignored. Unreadable images become `UnreadableImage` items.
+    With class folders, images are found recursively inside each class folder (the zoo's one walk,
+    `flexpredict_zoo.features.walk_images`: symbolic links to folders followed once) and files lying directly in
+    `root` are ignored. Unreadable images, and what the walk could not read (broken links, link loops, folders that
+    cannot be listed), become `UnreadableImage` items with their reason: counted and reported, never left out.
     """
 
-    def __init__(self, root: os.PathLike, transform: Optional[Callable] = None,
-                 extensions: Sequence[str] = IMG_EXTENSIONS):
+    def __init__(self, root: os.PathLike, transform: Optional[Callable] = None):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder; pass the folder "
                                     f"that holds the class subfolders (or the images)")
         self.transform = transform
-        exts = tuple(e.lower() for e in extensions)
-
-        def images_in(folder: Path, recursive: bool) -> List[Path]:
-            found = folder.rglob("*") if recursive else folder.iterdir()
-            return sorted(p for p in found if p.is_file() and p.suffix.lower() in exts)
-
         class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if class_dirs:
             self.classes = [d.name for d in class_dirs]
-            self.samples = [(str(p), label) for label, d in enumerate(class_dirs) for p in images_in(d, True)]
+            found = [(f, label) for label, d in enumerate(class_dirs) for f in walk_images(d)]
         else:
             self.classes = []
-            self.samples = [(str(p), -1) for p in images_in(self.root, False)]
+            found = [(f, -1) for f in walk_images(self.root) if "/" not in f.name.rstrip("/")]
+        self.samples = [(str(f.path), label) for f, label in found]
+        self.problems: Dict[str, str] = {str(f.path): f.problem for f, _ in found if f.problem is not None}
         if not self.samples:
-            raise FileNotFoundError(f"no images ({', '.join(exts)}) found in {self.root}")
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     def __len__(self) -> int:
@@ -205,6 +202,8 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
+        if path in self.problems:
+            return UnreadableImage(path, self.problems[path])
         try:
             img = read_image(path)  # the zoo's one image reader, as extraction and evaluation
         except Exception as e:  # any decode failure: report it, never kill the worker

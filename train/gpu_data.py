@@ -22,16 +22,18 @@ Differences from the PIL path (data.py), all below one 8-bit grey level on typic
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, UnreadableImage, filter_unreadable
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, UnreadableImage, filter_unreadable, read_image
 
 __all__ = ["JpegBytesDataset", "JpegBatchCollator", "GpuAugment", "GpuDecodeLoader", "decode_images",
            "sample_crop_boxes", "gaussian_blur", "build_gpu_loader", "AugmentParams", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -54,15 +56,19 @@ class JpegBytesDataset(torch.utils.data.Dataset):
             folder = ImageFolderDataset(root)  # the same file list and labels as the CPU path
             self.samples = [(Path(p), label) for p, label in folder.samples]
             self.classes = folder.classes
+            self.problems = folder.problems  # broken links, link loops, unlistable folders: reported as on the CPU path
         else:
             self.samples = [(Path(p), int(label)) for p, label in files]
             self.classes = []
+            self.problems = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
+        if str(path) in self.problems:
+            return UnreadableImage(str(path), self.problems[str(path)])
         try:
             data = path.read_bytes()
         except OSError as error:
@@ -103,7 +109,7 @@ def decode_images(data: Sequence[torch.Tensor], device: Union[str, torch.device]
     JPEGs are decoded in one batched call (nvJPEG on CUDA). If that call fails (a corrupt file, or a JPEG nvJPEG
     does not handle, e.g. CMYK), each image is retried alone on the device and then with the CPU decoder, which also
     takes the non-JPEG files (PNG, ...). Returns (images, indices of the decoded inputs, unreadable ones)."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
     names = list(names) if names is not None else [f"batch item {i}" for i in range(len(data))]
@@ -122,11 +128,12 @@ def decode_images(data: Sequence[torch.Tensor], device: Union[str, torch.device]
                 except RuntimeError as error:
                     errors[i] = str(error)
     for i, d in enumerate(data):
-        if decoded[i] is None:  # not a JPEG, or nvJPEG refused it: the CPU decoder knows more formats
-            try:
-                decoded[i] = decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True)
-            except RuntimeError as error:
-                errors[i] = f"cannot decode image: {errors[i] or error}"
+        if decoded[i] is None:  # not a JPEG, or nvJPEG refused it: the zoo's one image reader (as the CPU path:
+            try:                # 16-bit and float images scaled to 8 bits, every format PIL knows)
+                image = read_image(io.BytesIO(d.numpy().tobytes()))
+                decoded[i] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(device, non_blocking=True)
+            except Exception as error:
+                errors[i] = f"cannot decode image: {errors[i] or f'{type(error).__name__}: {error}'}"
     kept = [i for i in range(len(data)) if decoded[i] is not None]
     bad = [UnreadableImage(names[i], errors[i] or "cannot decode image") for i in range(len(data)) if decoded[i] is None]
     return [decoded[i] for i in kept], kept, bad
