@@ -3,11 +3,12 @@ failure leaves no half-written file or folder. Outputs get the ordinary permissi
 private ones that mkstemp, mkdtemp and safetensors give their files."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 
 def _umask() -> int:
@@ -16,8 +17,40 @@ def _umask() -> int:
     return umask
 
 
+class DiskFullError(OSError):
+    """The file system of an output is full (or over quota); what was there before is unchanged."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from or during, says the disk is full. torch.save reports it as
+    `RuntimeError: ... unexpected pos` with the OSError as its context; safetensors as `SafetensorError: ... No
+    space left on device (os error 28)`."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_error(path: Union[str, Path], what: Optional[str] = None) -> DiskFullError:
+    """The one message for a full disk: where, what was not written, and that the previous state is kept."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    return DiskFullError(errno.ENOSPC, f"no space left on device at {folder}: {what or path} was not written "
+                                       f"(what was there before is unchanged); free space there or choose another "
+                                       f"output, then run the command again", str(path))
+
+
 def write_file_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """`write(temporary_path)` writes the content; it then replaces `path` in one rename. Returns `path`."""
+    """`write(temporary_path)` writes the content; it then replaces `path` in one rename. Returns `path`.
+    On a full disk the temporary file is removed and DiskFullError names the place; `path` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
@@ -25,8 +58,10 @@ def write_file_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         write(Path(temp))
         os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp).unlink(missing_ok=True)
+        if isinstance(error, Exception) and not isinstance(error, DiskFullError) and is_disk_full(error):
+            raise disk_full_error(path) from None
         raise
     return path
 
@@ -42,7 +77,12 @@ def write_folder_atomically(out_dir: Path, files: Dict[str, Callable[[Path], Non
     os.chmod(tmp, 0o777 & ~umask)
     try:
         for name, write in files.items():
-            write(tmp / name)
+            try:
+                write(tmp / name)
+            except Exception as error:
+                if is_disk_full(error) and not isinstance(error, DiskFullError):
+                    raise disk_full_error(out_dir / name) from None
+                raise
             os.chmod(tmp / name, 0o666 & ~umask)
         if not out_dir.exists():
             os.replace(tmp, out_dir)
@@ -70,12 +110,23 @@ def check_writable(folder: Path) -> None:
                               f"permissions") from None
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Remove the temporary files that `write_file_atomically` leaves in `folder` when its process is killed
-    (kill -9, a lost node); call it only while nothing else writes there. Returns how many were removed."""
-    removed = 0
-    for temp in Path(folder).glob(".*.tmp"):
-        if temp.is_file():
-            temp.unlink(missing_ok=True)
-            removed += 1
+def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> List[Path]:
+    """Remove what a killed process left in `folder` while writing the outputs `names` (glob patterns of output
+    names: "latest.pt", "shard-*.safetensors"; pass glob.escape(name) for a user's name): the temporary files and
+    folders of `write_file_atomically` / `write_folder_atomically` (`.NAME.XXXXXXXX.tmp`) and those of earlier
+    versions (`.NAME.tmp.PID`). Only those: other files, and other programs' temporaries, are never touched. Call
+    it only while holding the output's lock (locks.output_lock), so no living writer is using them. Returns the
+    removed paths."""
+    folder = Path(folder)
+    removed: List[Path] = []
+    if not folder.is_dir():
+        return removed
+    for name in names:
+        for pattern in (f".{name}.*.tmp", f".{name}.tmp.*"):
+            for temp in folder.glob(pattern):
+                if temp.is_dir() and not temp.is_symlink():
+                    shutil.rmtree(temp, ignore_errors=True)
+                else:
+                    temp.unlink(missing_ok=True)
+                removed.append(temp)
     return removed

@@ -14,7 +14,7 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -27,13 +27,18 @@ class CheckpointError(RuntimeError):
     """A weight file that cannot be used; the message says why and what to do."""
 
 
+DOWNLOAD_AGAIN = "delete it and download it again (`flexpredict-zoo download MODEL --force`)"
+# a file shipped inside the package cannot be downloaded again: the installation itself is damaged
+REINSTALL = ("it is shipped inside the flexpredict-zoo package, so reinstall the package (`pip install "
+             "--force-reinstall --no-deps flexpredict-zoo`; in a git checkout, `git checkout -- flexpredict_zoo/weights`)")
+
+
 class ChecksumError(CheckpointError):
-    def __init__(self, path: PathLike, expected: str, actual: str):
+    def __init__(self, path: PathLike, expected: str, actual: str, advice: str = DOWNLOAD_AGAIN):
         self.path, self.expected, self.actual = str(path), expected, actual
         super().__init__(
             f"sha256 mismatch for {path}: expected {expected}, got {actual}. The file was not used. "
-            f"It is corrupt or not the released file: delete it and download it again "
-            f"(`flexpredict-zoo download MODEL --force`).")
+            f"It is corrupt or not the released file: {advice}.")
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -48,13 +53,14 @@ def sha256_file(path: PathLike, chunk_size: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(path: PathLike, expected: Optional[str]) -> Optional[str]:
-    """Raise ChecksumError when `expected` is given and differs; return the actual digest (None if not checked)."""
+def verify_sha256(path: PathLike, expected: Optional[str], advice: str = DOWNLOAD_AGAIN) -> Optional[str]:
+    """Raise ChecksumError (with `advice`: what fixes the file) when `expected` is given and differs; return the
+    actual digest (None if not checked)."""
     if not expected:
         return None
     actual = sha256_file(path)
     if actual != expected.lower():
-        raise ChecksumError(path, expected, actual)
+        raise ChecksumError(path, expected, actual, advice)
     return actual
 
 
@@ -161,15 +167,32 @@ def encoder_state_dict(checkpoint: Mapping[str, Any], encoder: str = "target_enc
     return strip_prefix(tensors)
 
 
+def _mismatches(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                optional_prefixes: tuple = ()) -> Tuple[List[str], List[str], List[str]]:
+    """(shape mismatches, missing keys, unexpected keys) of weights against an architecture's state dict."""
+    missing = [k for k in expected if k not in state_dict and not k.startswith(optional_prefixes)]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    return shapes, missing, unexpected
+
+
+def mismatch_summary(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """One line on how weights differ from an architecture: the counts, and the first of each kind."""
+    parts = []
+    for title, items in zip(("shape mismatches", "missing keys", "unexpected keys"),
+                            _mismatches(state_dict, expected)):
+        if items:
+            parts.append(f"{len(items)} {title} (first: {items[0]})")
+    return "; ".join(parts) or "no differences in keys or shapes"
+
+
 def check_fits(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
                optional_prefixes: tuple = ("head.",), what: str = "the model",
                source: Optional[PathLike] = None) -> None:
     """Raise CheckpointMismatchError naming the keys and shapes that differ between weights and architecture, and
     `source`, the file the weights came from."""
-    missing = [k for k in expected if k not in state_dict and not k.startswith(optional_prefixes)]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    shapes, missing, unexpected = _mismatches(state_dict, expected, optional_prefixes)
     if not (missing or unexpected or shapes):
         return
     lines = []

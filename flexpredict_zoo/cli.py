@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from . import manifest
-from .checkpoints import CheckpointError, sha256_file, verify_sha256
+from .checkpoints import DOWNLOAD_AGAIN, REINSTALL, CheckpointError, sha256_file, verify_sha256
 from .manifest import UnknownModelError
 
 NOT_RECORDED = "not recorded"
@@ -105,7 +105,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     else:
         path = manifest.manifest_path().parent / source["package_file"]
     digest = sha256_file(path)
-    verify_sha256(path, entry.sha256)  # raises (expected, actual, path) on a mismatch
+    verify_sha256(path, entry.sha256, DOWNLOAD_AGAIN if "hf_hub_id" in source else REINSTALL)
     print(f"{entry.name}: {path}")
     check = "matches the manifest" if entry.sha256 else "not recorded in the manifest"
     print(f"sha256 {digest} ({check})")

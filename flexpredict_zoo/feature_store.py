@@ -155,7 +155,7 @@ def begin_store(out_dir: PathLike, fingerprint: Mapping[str, Any], record: Mappi
     if overwrite:
         for path in _store_files(out_dir):
             path.unlink()
-    remove_stale_temporaries(out_dir)  # left by a killed run; nothing writes here yet
+    remove_stale_temporaries(out_dir, [INDEX_NAME, "shard-*.safetensors"])  # a killed run's; we hold the lock
     index = _read_index(index_path) if index_path.is_file() else None
     if index is None:
         others = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_NAME)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -38,9 +39,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from .atomic_write import check_writable, write_file_atomically
+from .atomic_write import check_writable, remove_stale_temporaries, write_file_atomically
 from .feature_store import (SHARD_TARGET_BYTES, FeatureStore, begin_store, finish_store, fingerprint_digest,
                             open_features, shard_file_name, state_dict_sha256, store_lock)
+from .locks import lock_path_beside, output_lock
 
 __all__ = ["FeatureResult", "extract_features", "extract_to_store", "open_features", "FeatureStore", "encode_batch",
            "save_features", "load_features", "find_images", "walk_images", "ImageFile",
@@ -912,13 +914,17 @@ def run_extract(args: argparse.Namespace) -> int:
                          f"(--out DIR) to write a feature store")
     if args.shard_size is not None:
         raise ValueError(f"--shard-size applies to a feature store; --out {out} is a single file (pass a folder)")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     find_images(inputs)  # the inputs and the output folder are checked before the model is loaded
     check_writable(out.parent)
-    result = extract_features(args.model, inputs, **options)
-    extra = {"weights": str(args.checkpoint) if args.checkpoint else ("none" if args.no_pretrained else "pretrained")}
-    save_features(result, out, extra)
+    # one process per output: a second extraction to the same file is refused, naming this one, instead of
+    # replacing its result at the end; the "exists" check and the cleanup happen inside the lock
+    with output_lock(lock_path_beside(out), out, "extraction"):
+        remove_stale_temporaries(out.parent, [glob.escape(out.name)])  # a killed save's, never another program's
+        if out.exists() and not args.overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+        result = extract_features(args.model, inputs, **options)
+        extra = {"weights": str(args.checkpoint) if args.checkpoint else ("none" if args.no_pretrained else "pretrained")}
+        save_features(result, out, extra)
     shape = "x".join(str(s) for s in result.pooled.shape)
     print(f"read {len(result.names)} images, skipped {len(result.skipped)}; wrote {out}: pooled {shape}"
           + (f", patch_tokens {'x'.join(map(str, result.patch_tokens.shape))}" if result.patch_tokens is not None else "")

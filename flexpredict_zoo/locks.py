@@ -15,11 +15,12 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Dict, Iterator, Optional, Union
 
 __all__ = ["OutputInUseError", "output_lock", "lock_path_beside"]
 
 PathLike = Union[str, os.PathLike]
+_HELD_HERE: Dict[str, list] = {}  # lock files this process holds: real path -> [holders here, open handle]
 
 
 class OutputInUseError(OSError):
@@ -54,7 +55,8 @@ def output_lock(lock_file: PathLike, output: PathLike, job: str = "process",
                 error: type = OutputInUseError) -> Iterator[None]:
     """Hold `lock_file` (created if missing) while this process writes `output`; `job` names what writes it in the
     error ("extraction", "training run", ...), raised as `error` (a subclass of OutputInUseError) when another
-    process holds the lock."""
+    process holds the lock. Within one process the lock is shared (a notebook that builds a second Trainer for
+    the same run before the first is garbage collected): it is released when its last holder lets go."""
     lock_file, output = Path(lock_file), Path(output)
     try:
         import fcntl
@@ -62,6 +64,23 @@ def output_lock(lock_file: PathLike, output: PathLike, job: str = "process",
         yield
         return
     lock_file.parent.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(lock_file)
+    if key not in _HELD_HERE:
+        _HELD_HERE[key] = [0, _acquire(fcntl, lock_file, output, job, error)]
+    _HELD_HERE[key][0] += 1
+    try:
+        yield
+    finally:
+        _HELD_HERE[key][0] -= 1
+        if _HELD_HERE[key][0] == 0:
+            handle = _HELD_HERE.pop(key)[1]
+            with contextlib.suppress(OSError):
+                lock_file.unlink()  # while still holding it: a waiting process sees the inode change and retries
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def _acquire(fcntl, lock_file: Path, output: Path, job: str, error: type):
     while True:
         handle = open(lock_file, "a+")
         try:
@@ -79,17 +98,11 @@ def output_lock(lock_file: PathLike, output: PathLike, job: str = "process",
         if same:
             break
         handle.close()
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(_holder())
-        handle.flush()
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            lock_file.unlink()  # while still holding it: a waiting process sees the inode change and retries
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(_holder())
+    handle.flush()
+    return handle
 
 
 def read_holder(lock_file: PathLike) -> Optional[dict]:

@@ -17,8 +17,8 @@ from timm.models import (build_model_with_cfg, generate_default_cfgs, load_pretr
 from timm.models.vision_transformer import VisionTransformer
 
 from . import manifest
-from .checkpoints import (SAFETENSORS_NAME, check_fits, encoder_state_dict, load_file, resolve_weight_file,
-                          strip_prefix, verify_sha256)
+from .checkpoints import (REINSTALL, SAFETENSORS_NAME, check_fits, encoder_state_dict, load_file,
+                          resolve_weight_file, strip_prefix, verify_sha256)
 from .hub import download
 from .pos_embed import sincos_2d
 
@@ -170,7 +170,7 @@ def _weight_path(cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path]]) -> 
         packaged = entry is not None and "package_file" in entry.source and \
             path.resolve() == (manifest.manifest_path().parent / entry.source["package_file"]).resolve()
         if packaged:
-            verify_sha256(path, entry.sha256)
+            verify_sha256(path, entry.sha256, REINSTALL)
         return path
     if cfg.get("hf_hub_id") and cfg.get("hf_hub_filename"):
         path = download(cfg["hf_hub_id"], cfg["hf_hub_filename"], cache_dir=cache_dir)

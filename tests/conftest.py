@@ -1,6 +1,7 @@
 """Shared fixtures: official-format checkpoints of random weights and a local Hugging Face cache (no network)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -173,3 +174,27 @@ def features_cache(tmp_path, monkeypatch):
     cache = tmp_path / "features_cache"
     monkeypatch.setenv("FLEXPREDICT_FEATURES_CACHE", str(cache))
     return cache
+
+
+_HOLD_LOCK = """
+import sys, time
+from flexpredict_zoo.locks import output_lock
+with output_lock(sys.argv[1], sys.argv[2], sys.argv[3]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(lock_file: Path, output: Path, job: str = "process"):
+    """A second process that holds `lock_file` (locks.output_lock) until the block ends; yields its pid."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(lock_file), str(output), job],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()

@@ -275,9 +275,10 @@ def test_a_store_made_otherwise_is_never_mixed_with(image_dir, tmp_path):
             extract_to_store(MODEL, image_dir, out, **{"device": "cpu", **kwargs})
     with pytest.raises(ValueError, match="inputs.count: store 23, now 22"):
         extract_to_store(MODEL, sorted(image_dir.iterdir())[1:], out, device="cpu")
-    from flexpredict_zoo.feature_store import StoreInUseError, store_lock
-    with store_lock(out):  # another extraction writing there: refused at once, not mixed
-        with pytest.raises(StoreInUseError, match=r"is in use: process \d+ on .* is writing it.*wait for that extraction"):
+    from conftest import lock_held_by_another_process
+    from flexpredict_zoo.feature_store import LOCK_NAME, StoreInUseError
+    with lock_held_by_another_process(out / LOCK_NAME, out, "extraction") as pid:  # refused at once, not mixed
+        with pytest.raises(StoreInUseError, match=rf"is in use: process {pid} on .* is writing it.*wait for that extraction"):
             extract_to_store(MODEL, image_dir, out, shard_size=8, device="cpu")
     index = json.loads((out / INDEX_NAME).read_text())
     assert index["complete"] and index["shard_size"] == 8  # untouched by the refused runs

@@ -66,3 +66,47 @@ def test_a_lock_file_removed_by_its_holder_is_not_locked_twice(tmp_path, monkeyp
     with output_lock(lock_file, tmp_path / "out"):
         assert lock_file.exists() and read_holder(lock_file)["pid"] == os.getpid()
     assert len(opened) == 1
+
+
+def test_one_process_shares_its_lock_and_releases_it_with_the_last_holder(tmp_path):
+    lock_file, output = tmp_path / ".lock", tmp_path / "run"
+    first = output_lock(lock_file, output)
+    first.__enter__()
+    with output_lock(lock_file, output):  # a second Trainer of the same run in one notebook
+        pass
+    assert lock_file.exists()  # still held by the first
+    second = output_lock(lock_file, output)
+    second.__enter__()
+    first.__exit__(None, None, None)  # released out of order: still held by the second
+    with pytest.raises(OutputInUseError):
+        with _refused_in_child(lock_file, output):
+            pass
+    second.__exit__(None, None, None)
+    assert not lock_file.exists()
+
+
+CHILD = """
+import sys
+from flexpredict_zoo.locks import OutputInUseError, output_lock
+try:
+    with output_lock(sys.argv[1], sys.argv[2]):
+        print("took it")
+except OutputInUseError as e:
+    print("refused", e)
+"""
+
+
+class _refused_in_child:
+    """Raises OutputInUseError on entry if a separate process is refused the lock."""
+
+    def __init__(self, lock_file, output):
+        self.args = [str(lock_file), str(output)]
+
+    def __enter__(self):
+        out = subprocess.run([sys.executable, "-c", CHILD, *self.args], capture_output=True, text=True).stdout
+        if out.startswith("refused"):
+            raise OutputInUseError(out)
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -7,8 +7,10 @@ augmentations and every batch's masks are seeded from where they are in the run 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +19,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from flexpredict_zoo.atomic_write import remove_stale_temporaries
+from flexpredict_zoo.locks import output_lock
 
 from . import distributed as dist_utils
 from . import run_checkpoint
@@ -27,6 +32,9 @@ from .masks import MaskConfig, MultiBlockMaskCollator
 from .model import StoPModel, encoder_kwargs
 from .optim import build_optimizer, set_hyperparameters
 from .schedules import Schedule
+
+
+RUN_LOCK = ".lock"  # RUN_DIR/.lock: held by the process training into RUN_DIR
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,10 +73,32 @@ class Trainer:
         self.env = env or dist_utils.init_distributed(cfg.run.device)
         self.device = self.env.device
         self.run_dir = Path(cfg.run.output_dir).expanduser()
+        self._held = contextlib.ExitStack()  # the run folder's lock, until fit() ends or close()
+        created = self.env.is_main and not self.run_dir.exists()
+        try:
+            self._start(dataset, created)
+        except BaseException:
+            self._abandon(created)
+            raise
+
+    def _start(self, dataset: Optional[Dataset], created: bool) -> None:
+        cfg = self.cfg
+        removed: List[Path] = []
         if self.env.is_main:
-            run_checkpoint.checkpoint_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
+            # one process per run folder: a second training here is refused, naming the first, instead of
+            # resuming from its checkpoint in flight and interleaving its log.csv rows
+            self._held.enter_context(output_lock(self.run_dir / RUN_LOCK, self.run_dir, "training run"))
+            self._locked = True
+            folder = run_checkpoint.checkpoint_dir(self.run_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            # what a killed save left (we hold the lock, so no living process is writing them)
+            removed = remove_stale_temporaries(folder, [run_checkpoint.LATEST, "iter_*.pt"]) + \
+                remove_stale_temporaries(self.run_dir, ["config.yaml", "log.csv"])
         dist_utils.barrier(self.env)
         setup_logging(self.run_dir if self.env.is_main else None, self.env.is_main, self.env.rank)
+        if removed:
+            logger.info("removed %d temporary file(s) left by a stopped run: %s", len(removed),
+                        ", ".join(str(p) for p in removed))
         self.precision = resolve_precision(cfg.run.precision, self.device)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
@@ -104,9 +134,22 @@ class Trainer:
         self.iteration = 0
         self.unreadable: Dict[str, str] = {}
         self.resumed_from = None
+        self.elapsed_before = 0.0  # training time of the earlier parts of a resumed run (log.csv's elapsed_s)
         self._resume()
         if self.env.is_main:
             cfg.save(self.run_dir / "config.yaml")
+
+    def _abandon(self, created: bool) -> None:
+        """A run that failed to start: release the folder, and remove it if this process created it and nothing
+        was trained into it (a mistyped data.root must not leave empty run folders behind)."""
+        setup_logging(None, self.env.is_main, self.env.rank)  # closes train.log
+        if created and getattr(self, "_locked", False) and self.run_dir.is_dir() and not any(run_checkpoint.checkpoint_dir(self.run_dir).glob("*.pt")):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.close()
+
+    def close(self) -> None:
+        """Release the run folder (fit() does this when it ends)."""
+        self._held.close()
 
     def _iterations_per_epoch(self) -> int:
         d = self.cfg.data
@@ -187,7 +230,10 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         ipe, total = self.iterations_per_epoch, self.total_iterations
-        self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main)
+        # rows past the checkpoint this run resumed from are dropped: they are trained again now
+        self.metrics = MetricsLog(self.run_dir, enabled=self.env.is_main, start_iteration=self.iteration)
+        if not self.elapsed_before and self.iteration:  # a checkpoint older than elapsed_s: the log's last row
+            self.elapsed_before = self.metrics.last_elapsed_s
         self.losses: List[float] = []
         self._window: List[torch.Tensor] = []
         self._window_values: List[float] = []
@@ -213,6 +259,7 @@ class Trainer:
                         break
         finally:
             self.metrics.close()
+            self.close()
         dist_utils.barrier(self.env)
         wall = time.perf_counter() - self._start_time
         steps = self.iteration - start_iteration
@@ -242,6 +289,11 @@ class Trainer:
         self.losses.extend(values)
         self._window_values.extend(values)
 
+    def _elapsed(self, now: Optional[float] = None) -> float:
+        """Training time of the whole run, across resumes."""
+        start = getattr(self, "_start_time", None)
+        return self.elapsed_before + ((now or time.perf_counter()) - start if start is not None else 0.0)
+
     def _log(self, epoch: int) -> None:
         self._drain()
         now = time.perf_counter()
@@ -251,7 +303,7 @@ class Trainer:
                    loss_last=self._window_values[-1], lr=self.schedule.lr(it), weight_decay=self.schedule.weight_decay(it),
                    momentum=self.schedule.momentum(it),
                    images_per_second=self._window_images * self.env.world_size / max(elapsed, 1e-9),
-                   memory_gb=memory_gb(self.device), elapsed_s=now - self._start_time)
+                   memory_gb=memory_gb(self.device), elapsed_s=self._elapsed(now))
         self._window_values.clear()
         self._window_images = 0
         self._last_time = now
@@ -298,7 +350,8 @@ class Trainer:
                         "world_size": self.env.world_size, "seed": self.cfg.run.seed},
             # the masks of iteration i are drawn from (seed, i): the counter is the iteration
             "mask_generator": dict(self.mask_collator.state_dict(), counter=self.iteration),
-            "loss": self.losses[-1] if self.losses else None,
+            "loss": self.losses[-1] if getattr(self, "losses", None) else None,
+            "elapsed_s": self._elapsed(),
         }
 
     def _resume(self) -> None:
@@ -315,6 +368,7 @@ class Trainer:
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
+        self.elapsed_before = float(ckpt.get("elapsed_s") or 0.0)
         sampler = ckpt.get("sampler") or {}
         if sampler.get("iterations_per_epoch") not in (None, self.iterations_per_epoch) or \
                 sampler.get("world_size") not in (None, self.env.world_size):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flexpredict_zoo  # noqa: F401  (registers the zoo models with timm)
-from flexpredict_zoo.checkpoints import load_file, strip_prefix
+from flexpredict_zoo.checkpoints import load_file, mismatch_summary, strip_prefix
 from flexpredict_zoo.vision_transformer import gather_tokens
 
 from .config import ModelConfig, PredictorConfig
@@ -148,7 +148,8 @@ class StoPModel(nn.Module):
                      if not (network is not self.predictor and k == "pos_embed")}
             try:
                 network.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                raise ResumeError(f"run.init_from={path}: `{key}` does not fit the configured model ({e}). Set model.name "
-                                  f"and predictor.depth/embed_dim to the checkpoint's architecture") from None
+            except RuntimeError:  # torch's message lists every key (54 lines for ViT-L into ViT-B): summarise it
+                raise ResumeError(f"run.init_from={path}: `{key}` does not fit the configured model "
+                                  f"({mismatch_summary(state, network.state_dict())}); set model.name and "
+                                  f"predictor.depth/embed_dim to the checkpoint's architecture") from None
         return {k: v for k, v in ckpt.items() if isinstance(v, (int, float, str))}
