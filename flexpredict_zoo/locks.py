@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
+import logging
 import os
 import socket
 import sys
@@ -20,6 +22,7 @@ from typing import Dict, Iterator, Optional, Union
 __all__ = ["OutputInUseError", "output_lock", "lock_path_beside"]
 
 PathLike = Union[str, os.PathLike]
+logger = logging.getLogger(__name__)
 _HELD_HERE: Dict[str, list] = {}  # lock files this process holds: real path -> [holders here, open handle]
 
 
@@ -66,7 +69,11 @@ def output_lock(lock_file: PathLike, output: PathLike, job: str = "process",
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(lock_file)
     if key not in _HELD_HERE:
-        _HELD_HERE[key] = [0, _acquire(fcntl, lock_file, output, job, error)]
+        handle = _acquire(fcntl, lock_file, output, job, error)
+        if handle is None:  # no locks on this file system (warned)
+            yield
+            return
+        _HELD_HERE[key] = [0, handle]
     _HELD_HERE[key][0] += 1
     try:
         yield
@@ -85,8 +92,13 @@ def _acquire(fcntl, lock_file: Path, output: Path, job: str, error: type):
         handle = open(lock_file, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as failure:
             handle.close()
+            if failure.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                # the file system has no locks (some Lustre/NFS mounts): running is better than refusing for ever
+                logger.warning("cannot lock %s (%s): this file system has no file locks, so nothing stops a second "
+                               "process from writing %s at the same time", lock_file, failure.strerror, output)
+                return None
             raise error(f"{output} is in use: {_describe(lock_file)} is writing it (lock {lock_file}); wait for that "
                         f"{job} to finish or stop it, or choose another output") from None
         # the previous holder may have removed the file between our open and our lock: then we hold a lock on a

@@ -110,3 +110,15 @@ class _refused_in_child:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with output_lock(tmp_path / ".lock", tmp_path / "run"):
+        pass
+    assert "this file system has no file locks" in caplog.text
