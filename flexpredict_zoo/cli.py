@@ -218,6 +218,11 @@ def run_command(func: Callable[[Any], Optional[int]], args: Any,
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from .atomic_write import DiskFullError, is_disk_full
+        if is_disk_full(e) and not isinstance(e, DiskFullError):  # a write outside atomic_write (a log line, ...)
+            print(f"error: no space left on device ({type(e).__name__}: {str(e).splitlines()[0][:200]}); free space "
+                  f"where this command writes, then run it again", file=sys.stderr)
+            return 2
         if not isinstance(e, USER_ERRORS + tuple(extra_user_errors())):
             raise
         print(f"error: {_message(e)}", file=sys.stderr)

@@ -76,3 +76,17 @@ def test_a_corrupt_packaged_weight_file_is_told_to_reinstall_not_to_download(tmp
     assert zoo_main(["download", f"{MODEL}.digits_stop"]) == 2
     err = capsys.readouterr().err
     assert "reinstall the package" in err and "download MODEL --force" not in err
+
+
+def test_a_full_disk_anywhere_is_one_error_line(capsys):
+    import errno
+    from flexpredict_zoo.cli import run_command
+
+    def torch_save_on_a_full_disk(_):  # what torch.save raises: the OSError only as the context
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert run_command(torch_save_on_a_full_disk, None) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on device (RuntimeError: ")
