@@ -94,6 +94,29 @@ def read_safetensors_header(path: PathLike) -> Tuple[Dict[str, Any], int]:
     return header, 8 + length
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str]) -> Path:
+    """safetensors' `save_file`, with bytes that depend on the input only: safetensors writes the metadata in the
+    order of a Rust hash map, which changes from process to process (one run exported three times gave three
+    sha256), so the header is rewritten in place with the metadata keys sorted. Returns `path`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(dict(tensors), str(path), metadata={str(k): str(v) for k, v in metadata.items()})
+    header, data_start = read_safetensors_header(path)
+    stored = header.pop("__metadata__", None) or {}
+    ordered = {"__metadata__": dict(sorted(stored.items())), **header} if stored else header  # tensors keep their order
+    # Compact, non-ASCII kept: the serialization safetensors (serde_json) uses, so the header keeps its length.
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    room = data_start - 8
+    if len(text) > room:
+        raise RuntimeError(f"rewriting the header of {path} in sorted order made it longer ({len(text)} > {room} "
+                           f"bytes); this safetensors version serializes headers differently, please report it")
+    with open(path, "r+b") as handle:
+        handle.seek(8)
+        handle.write(text + b" " * (room - len(text)))  # safetensors pads its header with spaces too
+    return path
+
+
 def _is_safetensors(path: Path) -> bool:
     """The safetensors layout, whatever the file's name."""
     try:

@@ -118,9 +118,10 @@ def _from_export(path: Path, encoder: Optional[str]) -> LoadedEncoder:
         raise CheckpointError(f"{folder} holds the {recorded} only (its {CONFIG_NAME} says so); export the "
                               f"{encoder_key(encoder)} of the run to another folder to use it")
     weights = path if path.is_file() else folder / SAFETENSORS_NAME
-    kwargs = dict(config.get("model_args") or {})
-    model = build_encoder(config["architecture"], kwargs, load_file(weights), source=weights)
-    return LoadedEncoder(model, config["architecture"], kwargs, f"{config['architecture']} ({folder.name})")
+    from .convert import flexpredict_architecture  # a timm-native folder records its FlexPredict model too
+    architecture, kwargs = flexpredict_architecture(config)
+    model = build_encoder(architecture, kwargs, load_file(weights), source=weights)
+    return LoadedEncoder(model, architecture, kwargs, f"{architecture} ({folder.name})")
 
 
 def _from_weights(path: Path, raw: Mapping[str, Any], encoder: Optional[str], architecture: Optional[str],

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from .atomic_write import check_writable, remove_stale_temporaries, write_file_atomically
+from .checkpoints import save_safetensors
 from .feature_store import (SHARD_TARGET_BYTES, FeatureStore, begin_store, finish_store, fingerprint_digest,
                             open_features, shard_file_name, state_dict_sha256, store_lock)
 from .locks import lock_path_beside, output_lock
@@ -805,7 +806,6 @@ def save_features(result: FeatureResult, path: PathLike, metadata: Optional[Mapp
     `model`, `image_size` ([C, H, W]), `dtype`, `layers`, version strings, plus `metadata` (values that are not
     strings are JSON-encoded). The parent folder is created; an existing file is replaced.
     """
-    from safetensors.torch import save_file
     path = Path(path)
     tensors = {"pooled": result.pooled}
     if result.patch_tokens is not None:
@@ -825,7 +825,8 @@ def save_features(result: FeatureResult, path: PathLike, metadata: Optional[Mapp
         "dtype": result.dtype or "", "layers": json.dumps(sorted(result.intermediates or {})), **_versions()})
     for key, value in (metadata or {}).items():
         header[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    return write_file_atomically(path, lambda temp: save_file(tensors, str(temp), metadata=header))
+    # save_safetensors: the same features give the same bytes (safetensors alone orders the metadata at random)
+    return write_file_atomically(path, lambda temp: save_safetensors(tensors, temp, header))
 
 
 def load_features(path: PathLike) -> FeatureResult:

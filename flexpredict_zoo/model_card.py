@@ -28,6 +28,18 @@ RESULT_LABELS = {
     "davis_jf": "DAVIS J&F",
 }
 NOT_RECORDED = "not recorded"
+# Which folder to choose, said the same way in MODEL_CARD.md and in the card of every pushed folder.
+FOLDER_CHOICE = (
+    "Two folder formats. The plugin folder (default) names the FlexPredict architecture: it needs "
+    "`import flexpredict_zoo` before `timm.create_model`, and it is exact at any input size (the fixed sin-cos "
+    "position embedding is regenerated for each grid), with everything the plugin adds (released tags, checksums, "
+    "`flexpredict_zoo.encoders.load_encoder`). The timm-native folder (`--timm-native` on `flexpredict-zoo convert`, "
+    "`flexpredict-zoo push` and `flexpredict-train export`) is timm's own `VisionTransformer` (no class token, mean "
+    "pooling after the final norm, the sin-cos embedding stored as its `pos_embed` weights): stock timm loads it "
+    "with nothing else installed, with outputs equal to the plugin's at the native input size; at other sizes "
+    "timm interpolates the stored embedding (bicubic) where the plugin regenerates it, so features differ there "
+    "(README, \"Which folder\", gives the measured differences). Choose native to share weights with people "
+    "who only have timm and use the native size; choose the plugin for other sizes or exact reproduction.")
 
 
 def _repo_root() -> Path:
@@ -175,7 +187,8 @@ def render_model_card(manifest: Optional[Mapping[str, Any]] = None) -> str:
               "is recorded above it is verified before use; `flexpredict-zoo download MODEL` prints the sha256 of "
               "what it fetched. `flexpredict-zoo convert` writes a timm folder (`model.safetensors`, "
               "`config.json`) for `timm.create_model(\"local-dir:DIR\")` or, once pushed, "
-              "`timm.create_model(\"hf-hub:ORG/NAME\")`.", "",
+              "`timm.create_model(\"hf-hub:ORG/NAME\")`; the same input gives the same bytes, so a folder's "
+              "sha256 can be pinned.", "", FOLDER_CHOICE, "",
               "## Citation", "", "```bibtex",
               "@inproceedings{bar2024stochastic,",
               f"  title = {{{paper['published_title']}}},",
@@ -186,30 +199,40 @@ def render_model_card(manifest: Optional[Mapping[str, Any]] = None) -> str:
 
 
 def render_hub_card(config: Mapping[str, Any], metadata: Mapping[str, str], repo_id: str) -> str:
-    """README.md for a converted folder uploaded to the Hub (`flexpredict-zoo push`)."""
+    """README.md for a converted folder uploaded to the Hub (`flexpredict-zoo push`), plugin or timm-native."""
     paper = load_manifest()["paper"]
     cfg = config.get("pretrained_cfg", {})
-    name = config["architecture"]
+    native = "flexpredict" in config
+    name = config["flexpredict"]["architecture"] if native else config["architecture"]
     license_id = cfg.get("license") or "other"
     source = metadata.get("source_file", NOT_RECORDED)
     sha = metadata.get("source_sha256") or NOT_RECORDED
+    if native:
+        size = "x".join(str(s) for s in cfg.get("input_size", [])[1:]) or NOT_RECORDED
+        what = (f"FlexPredict (StoP) backbone `{name}` as timm's own `{config['architecture']}` (converted with "
+                f"`--timm-native`): stock timm loads it, no plugin needed; outputs equal the plugin's at {size}")
+        load = ["import timm  # stock timm is enough", ""]
+        install = "Nothing to install beyond timm; `pip install flexpredict-zoo` adds the plugin (see below)."
+    else:
+        what = f"FlexPredict (StoP) backbone `{name}` for timm, converted with `flexpredict-zoo convert`"
+        load = ["import timm, flexpredict_zoo  # flexpredict_zoo registers the architecture", ""]
+        install = "Install with `pip install flexpredict-zoo`."
     return "\n".join([
         "---", f"license: {license_id}", "library_name: timm",
         "tags:", "- image-feature-extraction", "- timm", "- flexpredict", "- stop", "---", "",
         f"# {repo_id}", "",
-        f"{cfg.get('description', name)}. FlexPredict (StoP) backbone `{name}` for timm, converted with "
-        f"`flexpredict-zoo convert`.", "",
+        f"{cfg.get('description', name)}. {what}.", "",
         f"- Encoder: `{metadata.get('encoder', NOT_RECORDED)}` (`target_encoder` is the EMA encoder the paper "
         "evaluates)",
         f"- Converted from: `{source}` (sha256 {sha})",
         f"- Features: {config.get('num_features')} per image (mean over tokens), no classifier head",
         f"- License: {license_id}", "",
-        "## How to load", "", "```python", "import timm, flexpredict_zoo  # flexpredict_zoo registers the architecture",
-        "", f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()',
+        "## How to load", "", "```python", *load,
+        f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()',
         "cfg = timm.data.resolve_data_config({}, model=model)",
         "transform = timm.data.create_transform(**cfg)",
         "features = model(transform(image).unsqueeze(0))  # (1, num_features)", "```", "",
-        "Install with `pip install flexpredict-zoo`.", "",
+        install, "", "## Which folder", "", FOLDER_CHOICE, "",
         "## Paper", "",
         f"\"{paper['published_title']}\" ({paper['venue']}), arXiv {paper['arxiv']} "
         f"(\"{paper['title']}\"). Official code: {paper['official_code']}.", ""])

@@ -268,3 +268,19 @@ def test_safetensors_bytes_under_another_name_load_as_safetensors(tmp_path):
     save_file(state, str(path))
     loaded = load_file(path)
     assert set(loaded) == {"a", "b"} and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_save_safetensors_sorts_the_metadata_so_the_bytes_depend_on_the_input_only(tmp_path):
+    from flexpredict_zoo.checkpoints import read_safetensors_header, save_safetensors, sha256_file
+    from safetensors import safe_open
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.float16)}
+    metadata = {f"key{i}": f"value {i}" for i in (7, 3, 9, 1, 5, 0, 8, 2)}
+    metadata["unicode"] = "état\n\"quoted\""  # escapes and non-ASCII keep the header length
+    paths = [save_safetensors(tensors, tmp_path / f"{i}.safetensors", metadata) for i in range(3)]
+    assert len({sha256_file(p) for p in paths}) == 1
+    header, start = read_safetensors_header(paths[0])
+    assert list(header["__metadata__"]) == sorted(metadata) and start % 8 == 0
+    with safe_open(str(paths[0]), framework="pt") as f:
+        assert f.metadata() == metadata
+        assert torch.equal(f.get_tensor("b"), tensors["b"]) and torch.equal(f.get_tensor("a"), tensors["a"])

@@ -177,3 +177,35 @@ def test_config_of_released_model_carries_tag_metadata():
     assert not any(str(note).startswith("encoder=") for note in cfg.get("notes", []))
     assert config["num_features"] == 64
     assert "hf_hub_id" not in cfg and "hf_hub_filename" not in cfg
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("timm_native", [False, True])
+def test_same_input_same_bytes(tmp_path, official_checkpoint, timm_native):
+    # safetensors writes its metadata in hash-map order, different on every call: three conversions of one file
+    # had three sha256 before the header was sorted
+    path, _ = official_checkpoint
+    digests = [_digests(convert_checkpoint(path, tmp_path / f"out{i}", timm_native=timm_native)) for i in range(3)]
+    assert digests[0] == digests[1] == digests[2]
+    assert sorted(digests[0]) == ["config.json", "model.safetensors"]
+
+
+def test_second_process_converting_into_the_same_folder_is_refused(tmp_path, official_checkpoint, capsys):
+    from conftest import lock_held_by_another_process
+    from flexpredict_zoo.cli import main
+    from flexpredict_zoo.locks import OutputInUseError, lock_path_beside
+
+    path, _ = official_checkpoint
+    out = tmp_path / "export"
+    with lock_held_by_another_process(lock_path_beside(out), out, "conversion") as pid:
+        with pytest.raises(OutputInUseError, match=f"{out} is in use: process {pid} on "):
+            convert_checkpoint(path, out)
+        assert main(["convert", str(path), "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {out} is in use: process {pid} on ") and "wait for that" in error
+    assert not out.exists()
+    convert_checkpoint(path, out)  # the other process is gone: the folder is free
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

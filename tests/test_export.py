@@ -193,6 +193,34 @@ def test_export_cli(tmp_path, capsys):
     assert "500 held-out images of scikit-learn digits" in evaluation["protocol"]
 
 
+def test_same_run_same_bytes(tmp_path):
+    # one run exported three times gave three sha256 (safetensors metadata in hash-map order) before the fix
+    run_dir = write_run(tmp_path / "run")
+    digests = []
+    for i in range(3):
+        out = export.export_run(run_dir, tmp_path / f"out{i}", name="digits_stop")
+        digests.append({p.name: sha256_file(p) for p in sorted(out.iterdir())})
+    assert digests[0] == digests[1] == digests[2]
+    assert sorted(digests[0]) == ["config.json", "manifest_entry.json", "model.safetensors"]
+
+
+def test_second_process_exporting_into_the_same_folder_is_refused(tmp_path):
+    from conftest import lock_held_by_another_process
+    from flexpredict_zoo.cli import run_command
+    from flexpredict_zoo.locks import OutputInUseError, lock_path_beside
+
+    run_dir = write_run(tmp_path / "run")
+    out = tmp_path / "out"
+    with lock_held_by_another_process(lock_path_beside(out), out, "export") as pid:
+        with pytest.raises(OutputInUseError, match=f"{out} is in use: process {pid} on "):
+            export.export_run(run_dir, out)
+        args = export.add_arguments(argparse.ArgumentParser()).parse_args([str(run_dir), "--out", str(out)])
+        assert run_command(export.run, args) == 2  # one `error: ...` line, as every user error
+    assert not out.exists()
+    export.export_run(run_dir, out)
+    assert (out / "manifest_entry.json").is_file()
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(batch=64), r"training: unknown key\(s\) \['batch'\]; valid keys are \['batch_size', 'command', "),
     (dict(iterations=None), r"training: missing required key\(s\) \['iterations'\]; required keys are "

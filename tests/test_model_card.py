@@ -82,3 +82,18 @@ def test_card_renders_training_and_per_seed_evaluation_of_weights_made_here():
     assert "| 0 | FlexPredict (pretrained) | 61.2 | 93.0 | 60.0 |" in card
     assert "| 0 | same encoder, random init | 50.0 | 93.0 | 60.0 |" in card
     assert "| 0 | raw pixels | 97.8 | 93.0 | 60.0 |" in card
+
+
+def test_hub_card_of_a_timm_native_folder_needs_no_plugin_and_says_which_to_choose():
+    config = {"architecture": "vit_base_patch16_224", "num_features": 768,
+              "flexpredict": {"architecture": "flexpredict_vit_b16", "model_args": {}},
+              "pretrained_cfg": {"license": "cc-by-nc-4.0", "description": "ViT-B/16 FlexPredict backbone",
+                                 "input_size": [3, 224, 224]}}
+    text = render_hub_card(config, {"encoder": "target_encoder"}, "me/b16-native")
+    assert "import timm  # stock timm is enough" in text and "import timm, flexpredict_zoo" not in text
+    assert "`flexpredict_vit_b16` as timm's own `vit_base_patch16_224`" in text and "at 224x224" in text
+    assert "## Which folder" in text and "interpolates the stored embedding" in text
+    plugin_config = {k: v for k, v in config.items() if k != "flexpredict"}
+    plugin = render_hub_card(dict(plugin_config, architecture="flexpredict_vit_b16"), {"encoder": "target_encoder"},
+                             "me/b16")
+    assert "import timm, flexpredict_zoo" in plugin and "## Which folder" in plugin

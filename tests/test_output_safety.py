@@ -90,3 +90,13 @@ def test_a_full_disk_anywhere_is_one_error_line(capsys):
     assert run_command(torch_save_on_a_full_disk, None) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no space left on device (RuntimeError: ")
+
+
+def test_the_same_extraction_gives_the_same_bytes(images, tmp_path):
+    # safetensors writes its metadata in hash-map order, different from call to call: the zoo's writer sorts it
+    digests = set()
+    for i in range(3):
+        out = tmp_path / f"f{i}.safetensors"
+        assert _extract(images, out, "--patch-tokens") == 0
+        digests.add(__import__("hashlib").sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 
 import pytest
 from huggingface_hub import HfApi
 
+from conftest import lock_held_by_another_process
 from flexpredict_zoo.checkpoints import CheckpointError
 from flexpredict_zoo.convert import convert_checkpoint
+from flexpredict_zoo.locks import OutputInUseError, lock_path_beside
 from flexpredict_zoo.push import push_to_hub
 
 
@@ -26,7 +30,9 @@ def fake_hub(monkeypatch):
         files = sorted(p.name for p in Path(folder_path).iterdir() if p.is_file()
                        and any(fnmatch.fnmatch(p.name, pat) for pat in allow_patterns))
         card = (Path(folder_path) / "README.md").read_text()
-        calls.append(("upload_folder", repo_id, dict(kwargs, files=files, card=card)))
+        config = json.loads((Path(folder_path) / "config.json").read_text())
+        calls.append(("upload_folder", repo_id, dict(kwargs, files=files, card=card, config=config,
+                                                     folder=Path(folder_path))))
         return "commit-info"
 
     for name, fn in dict(create_repo=create_repo, create_branch=create_branch, upload_folder=upload_folder).items():
@@ -67,3 +73,31 @@ def test_push_refuses_bad_input(tmp_path, fake_hub):
     with pytest.raises(CheckpointError, match="model.safetensors is missing"):
         push_to_hub(tmp_path, "me/x")
     assert fake_hub == []
+
+
+def test_push_timm_native_uploads_a_native_copy_and_leaves_the_folder_as_it_is(tmp_path, official_checkpoint,
+                                                                               fake_hub):
+    path, _ = official_checkpoint
+    out = convert_checkpoint(path, tmp_path / "export")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    push_to_hub(out, "me/native", timm_native=True)
+    upload = fake_hub[-1][2]
+    assert upload["files"] == ["README.md", "config.json", "model.safetensors"] and upload["folder"] != out
+    assert upload["config"]["architecture"] == "vit_tiny_patch16_224"
+    assert upload["config"]["flexpredict"]["architecture"] == "flexpredict_vit_ti16"
+    card = upload["card"]
+    assert "import timm  # stock timm is enough" in card and "import timm, flexpredict_zoo" not in card
+    assert "timm-native" in card and path.name in card  # the source record travels with the copy
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == before
+    assert not upload["folder"].exists()  # the temporary copy is gone
+
+
+def test_push_of_a_folder_another_process_writes_is_refused(tmp_path, official_checkpoint, fake_hub):
+    path, _ = official_checkpoint
+    out = convert_checkpoint(path, tmp_path / "export")
+    with lock_held_by_another_process(lock_path_beside(out), out, "export") as pid:
+        with pytest.raises(OutputInUseError, match=f"export is in use: process {pid} on .* export` since"):
+            push_to_hub(out, "me/x")
+    assert fake_hub == [] and not (out / "README.md").exists()
+    push_to_hub(out, "me/x")  # the holder is gone: the lock is free again
+    assert [c[0] for c in fake_hub] == ["create_repo", "upload_folder"]

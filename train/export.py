@@ -3,7 +3,8 @@
 DIR receives `model.safetensors` and a timm `config.json` (written by the zoo's one folder writer,
 `flexpredict_zoo.convert.write_model_folder`, as `flexpredict-zoo convert` does) plus `manifest_entry.json`, a
 ready-made `weights_manifest.json` entry (source, sha256, training record, evaluation) that `manifest.validate`
-accepts and `MODEL_CARD.md` renders. The export loads with
+accepts and `MODEL_CARD.md` renders; with `--timm-native`, a folder that stock timm loads without this package
+(`timm.create_model("local-dir:DIR", pretrained=True)`). The same run gives the same bytes. The export loads with
 
     timm.create_model(MODEL_NAME, pretrained=True, pretrained_cfg_overlay=dict(file="DIR/model.safetensors"))
     flexpredict_zoo.encoders.load_encoder("DIR")
@@ -18,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from flexpredict_zoo import manifest
 from flexpredict_zoo.checkpoints import SAFETENSORS_NAME, CheckpointError, sha256_file
-from flexpredict_zoo.convert import CONFIG_NAME, write_model_folder
+from flexpredict_zoo.convert import CONFIG_NAME, folder_lock, write_model_folder
 from flexpredict_zoo.encoders import architecture_kwargs, build_encoder, encoder_key, read_run_checkpoint
 
 PathLike = Union[str, Path]
@@ -96,43 +97,49 @@ def export_run(run: PathLike, out_dir: PathLike, encoder: str = "target", name: 
                license: str = "apache-2.0", recipe: Optional[str] = None, hardware: Optional[str] = None,
                evaluation: Optional[Mapping[str, Any]] = None, description: Optional[str] = None,
                command: Optional[str] = None, wall_time_min: Optional[float] = None,
-               demo_results: Optional[Sequence[Mapping[str, Any]]] = None, overwrite: bool = False) -> Path:
+               demo_results: Optional[Sequence[Mapping[str, Any]]] = None, overwrite: bool = False,
+               timm_native: bool = False) -> Path:
     """Write model.safetensors, config.json and manifest_entry.json for one encoder of a run; return out_dir.
-    All three files appear together or not at all. `evaluation` is a manifest `evaluation` record; or pass
-    `demo_results` (results.json records of `flexpredict-train demo`, one per training seed) and the record is
-    built from them, the run's seed being the shipped one. The entry is checked with the manifest's own rules
-    before anything is written."""
-    ckpt_path, ckpt = read_run_checkpoint(run)
-    key = encoder_key(encoder)
-    model_name = ckpt["model_name"]
-    model_args = architecture_kwargs(ckpt.get("model_kwargs"))
-    model = build_encoder(model_name, model_args, ckpt[key], source=ckpt_path)
-    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    tag = _split_name(name, model_name, re.sub(r"\W", "_", run_dir.resolve().name) or "custom")
-    where = f"{model_name}.{tag}"
-    training = training_record(ckpt, ckpt_path, recipe, command, hardware, wall_time_min)
-    if demo_results is not None:
+    All three files appear together or not at all, with the same bytes for the same run; a second process
+    exporting into the same folder meanwhile gets OutputInUseError naming this one. `timm_native`: the folder
+    stock timm loads without flexpredict_zoo (`write_model_folder`); the manifest entry is the same.
+    `evaluation` is a manifest `evaluation` record; or pass `demo_results` (results.json records of
+    `flexpredict-train demo`, one per training seed) and the record is built from them, the run's seed being the
+    shipped one. The entry is checked with the manifest's own rules before anything is written."""
+    with folder_lock(out_dir):
+        ckpt_path, ckpt = read_run_checkpoint(run)
+        key = encoder_key(encoder)
+        model_name = ckpt["model_name"]
+        model_args = architecture_kwargs(ckpt.get("model_kwargs"))
+        model = build_encoder(model_name, model_args, ckpt[key], source=ckpt_path)
+        run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+        tag = _split_name(name, model_name, re.sub(r"\W", "_", run_dir.resolve().name) or "custom")
+        where = f"{model_name}.{tag}"
+        training = training_record(ckpt, ckpt_path, recipe, command, hardware, wall_time_min)
+        if demo_results is not None:
+            if evaluation is not None:
+                raise ValueError("pass evaluation or demo_results, not both")
+            evaluation = evaluation_record(demo_results, training["seed"])
         if evaluation is not None:
-            raise ValueError("pass evaluation or demo_results, not both")
-        evaluation = evaluation_record(demo_results, training["seed"])
-    if evaluation is not None:
-        manifest.validate_evaluation(where, dict(evaluation))
-    entry: Dict[str, Any] = {
-        "tag": tag, "encoder": key,
-        "description": description or f"{'EMA target' if key == 'target_encoder' else 'context'} encoder "
-                                      f"trained by flexpredict-train ({run_dir.name})",
-        "source": {"package_file": f"weights/{where}.safetensors"},
-        "sha256": None,  # of model.safetensors, filled in once it is written
-        "license": license, "training": training}
-    if evaluation is not None:
-        entry["evaluation"] = dict(evaluation)
+            manifest.validate_evaluation(where, dict(evaluation))
+        entry: Dict[str, Any] = {
+            "tag": tag, "encoder": key,
+            "description": description or f"{'EMA target' if key == 'target_encoder' else 'context'} encoder "
+                                          f"trained by flexpredict-train ({run_dir.name})",
+            "source": {"package_file": f"weights/{where}.safetensors"},
+            "sha256": None,  # of model.safetensors, filled in once it is written
+            "license": license, "training": training}
+        if evaluation is not None:
+            entry["evaluation"] = dict(evaluation)
 
-    def write_entry(path: Path) -> None:
-        entry["sha256"] = sha256_file(path.parent / SAFETENSORS_NAME)  # written first, in the same folder
-        path.write_text(json.dumps({"model": model_name, "model_args": model_args, "entry": entry}, indent=2) + "\n")
+        def write_entry(path: Path) -> None:
+            entry["sha256"] = sha256_file(path.parent / SAFETENSORS_NAME)  # written first, in the same folder
+            record = {"model": model_name, "model_args": model_args, "entry": entry}
+            path.write_text(json.dumps(record, indent=2) + "\n")
 
-    return write_model_folder(out_dir, model, model_name, key, metadata={"source_file": ckpt_path.name},
-                              model_args=model_args, extra_files={ENTRY_NAME: write_entry}, overwrite=overwrite)
+        return write_model_folder(out_dir, model, model_name, key, metadata={"source_file": ckpt_path.name},
+                                  model_args=model_args, extra_files={ENTRY_NAME: write_entry}, overwrite=overwrite,
+                                  timm_native=timm_native)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -154,6 +161,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "a manifest evaluation record)")
     parser.add_argument("--description", help="description recorded in the manifest entry")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    parser.add_argument("--timm-native", action="store_true",
+                        help="write timm's own ViT (loads with stock timm, no flexpredict_zoo; equal outputs at the "
+                             "native size only, interpolated position embedding at other sizes)")
     return parser
 
 
@@ -174,11 +184,14 @@ def run(args: argparse.Namespace) -> int:
     out = export_run(args.run, args.out, encoder=args.encoder, name=args.name, license=args.license,
                      recipe=args.recipe, hardware=args.hardware, evaluation=evaluation,
                      description=args.description, command=args.command, wall_time_min=args.wall_time_min,
-                     demo_results=records if records and evaluation is None else None, overwrite=args.overwrite)
+                     demo_results=records if records and evaluation is None else None, overwrite=args.overwrite,
+                     timm_native=args.timm_native)
     entry = json.loads((out / ENTRY_NAME).read_text())
     weights = out / SAFETENSORS_NAME
     print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB, sha256 {entry['entry']['sha256'][:16]}...)")
     print(f"wrote {out / CONFIG_NAME} and {out / ENTRY_NAME}")
+    if args.timm_native:
+        print(f'load it with stock timm: timm.create_model("local-dir:{out}", pretrained=True)')
     print(f"load it with: timm.create_model({entry['model']!r}, pretrained=True, "
           f"pretrained_cfg_overlay=dict(file={str(weights)!r}))")
     return 0
