@@ -3,9 +3,10 @@
     flexpredict-zoo list
     flexpredict-zoo info flexpredict_vit_b16
     flexpredict-zoo download flexpredict_vit_b16 [--cache-dir DIR] [--revision REV] [--force]
-    flexpredict-zoo convert vit-b16.pth.tar --out DIR [--encoder target|context] [--model NAME]
-    flexpredict-zoo push DIR --repo-id ORG/NAME [--private]
+    flexpredict-zoo convert vit-b16.pth.tar --out DIR [--encoder target|context] [--model NAME] [--timm-native]
+    flexpredict-zoo push DIR --repo-id ORG/NAME [--private] [--timm-native]
     flexpredict-zoo extract MODEL PATH... --out DIR|FILE.safetensors
+    flexpredict-zoo show MODEL PATH... --out DIR [--patch ROW,COL] [--background-threshold T]
     torchrun --nproc_per_node=K -m flexpredict_zoo.cli extract MODEL PATH... --out DIR
 """
 from __future__ import annotations
@@ -21,6 +22,9 @@ from .checkpoints import DOWNLOAD_AGAIN, REINSTALL, CheckpointError, sha256_file
 from .manifest import UnknownModelError
 
 NOT_RECORDED = "not recorded"
+TIMM_NATIVE_HELP = ("write timm's own ViT: stock timm loads it without flexpredict_zoo, with equal outputs at the "
+                    "native input size; at other sizes timm interpolates the position embedding (README: Which "
+                    "folder)")
 
 
 class CommandUnavailableError(RuntimeError):
@@ -116,10 +120,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint, read_export
 
     out = convert_checkpoint(args.checkpoint, args.out, model_name=args.model, encoder=args.encoder,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, timm_native=args.timm_native)
     config, metadata = read_export(out)
     print(f"wrote {out} ({config['architecture']}, {metadata['encoder']} of {metadata['source_file']})")
-    print(f'load with: timm.create_model("local-dir:{out}", pretrained=True)')
+    plugin = "" if args.timm_native else "  # after import flexpredict_zoo"
+    print(f'load with: timm.create_model("local-dir:{out}", pretrained=True){plugin}')
     return 0
 
 
@@ -130,7 +135,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     try:
         push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                    commit_message=args.commit_message)
+                    commit_message=args.commit_message, timm_native=args.timm_native)
     except HfHubHTTPError as e:
         raise ValueError(f"upload to {args.repo_id} failed: {str(e).splitlines()[0]}. Log in first "
                          f"(`hf auth login` or HF_TOKEN) with write access to that repository.") from e
@@ -156,6 +161,15 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         return
     add_extract_arguments(parser)
     parser.set_defaults(func=run)
+
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    from .show import add_show_arguments, run_show  # imports matplotlib only when drawing
+    parser = sub.add_parser("show", help="pictures of the patch features: PCA as RGB, patch-similarity maps, a "
+                                         "contact sheet and a clickable HTML page")
+    add_show_arguments(parser)
+    parser.set_defaults(func=run_show)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target: the EMA encoder the paper evaluates (default); context: the online encoder")
     p.add_argument("--model", default=None, metavar="NAME", help="model name (default: inferred from the shapes)")
     p.add_argument("--overwrite", action="store_true", help="replace model.safetensors/config.json in DIR")
+    p.add_argument("--timm-native", action="store_true", help=TIMM_NATIVE_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("push", help="upload a converted folder with a model card to the Hugging Face Hub")
@@ -193,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision", default=None, help="branch to push to (created if needed)")
     p.add_argument("--commit-message", default="Add FlexPredict backbone (flexpredict-zoo convert)")
+    p.add_argument("--timm-native", action="store_true", help=TIMM_NATIVE_HELP + " (a plugin folder is rewritten "
+                   "into a temporary folder for the upload)")
     p.set_defaults(func=cmd_push)
 
     _add_extract(sub)
+    _add_show(sub)
     return parser
 
 
@@ -245,4 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flexpredict_zoo.cli` (torchrun): run the package's module, not this __main__ copy, so errors that
+    # other modules raise (show's CommandUnavailableError) are the classes USER_ERRORS holds
+    from flexpredict_zoo.cli import main as package_main
+    sys.exit(package_main())

@@ -4,8 +4,9 @@ Loads the tiny FlexPredict ViT pretrained on scikit-learn's digits (`timm.create
 weights shipped inside the package), extracts frozen pooled features of the digits' training split (1,297) and
 held-out split (500), and prints k-NN, linear-probe and few-shot top-1 on the held-out split for three
 representations: the pretrained encoder, the same architecture at random initialisation, and raw pixels.
-It writes two pictures: `pca_patches.png` (the first 3 principal components of the patch features as RGB, under
-the input digits) and `retrievals.png` (held-out queries and their nearest training digits), plus `results.json`.
+It writes two pictures, drawn with matplotlib by `flexpredict_zoo.show`: `pca_patches.png` (the first 3 principal
+components of the patch features as RGB, under the input digits) and `retrievals.png` (held-out queries and their
+nearest training digits), plus `results.json`.
 """
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image, ImageDraw
 
-from flexpredict_zoo.features import encode_batch
+from flexpredict_zoo.show import Tile, draw_grid, patch_pca_rgb, require_matplotlib
 
 from .evaluate import KNN_K, evaluate_features, eval_datasets, extract
 
 DEFAULT_MODEL = "flexpredict_vit_m4_32.digits_stop"
-GOOD, BAD = (40, 170, 60), (210, 40, 40)
+GOOD, BAD = "#28aa3c", "#d22828"  # frames of retrieved digits: same class, another
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -49,81 +49,40 @@ def load_models(model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None, se
 
 
 # ----------------------------------------------------------------------------------------------- pictures
-def _label(draw: ImageDraw.ImageDraw, xy: Tuple[int, int], text: str) -> None:
-    draw.text(xy, text, fill=(0, 0, 0))
-
-
-def _digit_tile(pixels: torch.Tensor, size: int) -> Image.Image:
-    """A (S, S) grey image in [0, 1] as an RGB tile, dark ink on white paper, enlarged without smoothing."""
-    grey = ((1 - pixels.clamp(0, 1)) * 255).round().byte().numpy()
-    return Image.fromarray(grey, "L").convert("RGB").resize((size, size), Image.NEAREST)
-
-
-@torch.inference_mode()
-def patch_pca_rgb(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, rows, cols, 3) in [0, 1]: the first 3 principal components of all the images' patch features
-    (fitted jointly, so colours are comparable across images), each scaled by its 1st-99th percentiles."""
-    tokens = encode_batch(model, images, patch_tokens=True)["tokens"]  # (B, N, D), final-normed, no class token
-    B, N, D = tokens.shape
-    rows, cols = model.patch_embed.grid_size
-    flat = tokens.reshape(B * N, D)
-    flat = flat - flat.mean(0)
-    _, _, v = torch.linalg.svd(flat, full_matrices=False)
-    proj = flat @ v[:3].T  # (B N, 3)
-    low, high = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
-    proj = ((proj - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
-    return proj.reshape(B, rows, cols, 3)
+def _digit_tile(pixels: torch.Tensor, frame: Optional[str] = None) -> Tile:
+    """A (S, S) grey image in [0, 1] as dark ink on white paper."""
+    return Tile(1 - pixels.clamp(0, 1).numpy(), cmap="gray", frame=frame)
 
 
 def draw_pca_patches(models: Sequence[Tuple[str, torch.nn.Module]], images: torch.Tensor, pixels: torch.Tensor,
-                     path: Path, tile: int = 112, gap: int = 6, margin: int = 130) -> Path:
-    """One column per digit: the input, then the patch-feature PCA of each model."""
-    maps = [(name, patch_pca_rgb(model, images)) for name, model in models]
-    n = len(images)
-    canvas = Image.new("RGB", (margin + n * (tile + gap), 24 + (1 + len(maps)) * (tile + gap)), "white")
-    draw = ImageDraw.Draw(canvas)
-    _label(draw, (8, 6), "PCA of patch features (3 components as RGB), fitted over these digits")
-    for row, (name, rgb) in enumerate([("input", None)] + maps):
-        y = 24 + row * (tile + gap)
-        _label(draw, (8, y + tile // 2 - 6), name)
-        for i in range(n):
-            x = margin + i * (tile + gap)
-            if rgb is None:
-                canvas.paste(_digit_tile(pixels[i], tile), (x, y))
-            else:
-                arr = (rgb[i] * 255).round().byte().numpy()
-                canvas.paste(Image.fromarray(arr, "RGB").resize((tile, tile), Image.NEAREST), (x, y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+                     path: Path, tile: int = 112) -> Path:
+    """One column per digit: the input, then the patch-feature PCA of each model (`flexpredict_zoo.show`)."""
+    rows = [[_digit_tile(p) for p in pixels]]
+    rows += [[Tile(rgb.numpy()) for rgb in patch_pca_rgb(model, images)] for _, model in models]
+    return draw_grid(rows, path, tile_px=(tile, tile), row_labels=["input"] + [name for name, _ in models],
+                     label_px=90,
+                     title="PCA of patch features (first 3 components as RGB), fitted jointly over these digits")
 
 
 def draw_retrievals(panels: Sequence[Tuple[str, torch.Tensor, torch.Tensor]], query_index: Sequence[int],
                     test_pixels: torch.Tensor, test_labels: torch.Tensor, train_pixels: torch.Tensor,
-                    train_labels: torch.Tensor, path: Path, neighbours: int = 5, tile: int = 56, gap: int = 4) -> Path:
+                    train_labels: torch.Tensor, path: Path, neighbours: int = 5, tile: int = 56) -> Path:
     """Each row: a held-out query, then its nearest training digits (cosine) under each representation;
     a green frame marks a neighbour of the query's class, a red one another class."""
-    pane = neighbours * (tile + gap) + 3 * gap
-    width = (tile + 4 * gap) + len(panels) * pane
-    canvas = Image.new("RGB", (width, 40 + len(query_index) * (tile + 2 * gap)), "white")
-    draw = ImageDraw.Draw(canvas)
-    _label(draw, (4, 6), "query")
-    for p, (name, _, _) in enumerate(panels):
-        _label(draw, (tile + 4 * gap + p * pane, 6), f"{neighbours} nearest training digits: {name}")
-    for row, q in enumerate(query_index):
-        y = 28 + row * (tile + 2 * gap)
-        canvas.paste(_digit_tile(test_pixels[q], tile), (gap, y))
-        for p, (_, train_feats, test_feats) in enumerate(panels):
-            normalize = torch.nn.functional.normalize
+    normalize = torch.nn.functional.normalize
+    rows = []
+    for q in query_index:
+        row = [_digit_tile(test_pixels[q])]
+        for _, train_feats, test_feats in panels:
             sims = normalize(train_feats, dim=1) @ normalize(test_feats[q], dim=0)
-            for j, idx in enumerate(sims.topk(neighbours).indices.tolist()):
-                x = tile + 4 * gap + p * pane + j * (tile + gap)
-                colour = GOOD if int(train_labels[idx]) == int(test_labels[q]) else BAD
-                draw.rectangle((x - 2, y - 2, x + tile + 1, y + tile + 1), fill=colour)
-                canvas.paste(_digit_tile(train_pixels[idx], tile), (x, y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+            row += [_digit_tile(train_pixels[i], GOOD if int(train_labels[i]) == int(test_labels[q]) else BAD)
+                    for i in sims.topk(neighbours).indices.tolist()]
+        rows.append(row)
+    titles = ["query"] + [title for name, _, _ in panels
+                          for title in [f"{neighbours} nearest training digits: {name}"] + [""] * (neighbours - 1)]
+    return draw_grid(rows, path, tile_px=(tile, tile), column_titles=titles,
+                     row_labels=[f"class {int(test_labels[q])}" for q in query_index], label_px=60,
+                     title="Held-out queries and their nearest training digits (green: same class, red: another)")
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -135,6 +94,7 @@ def run_demo(model: str = DEFAULT_MODEL, checkpoint: Optional[str] = None, out: 
              layers: str = "last", shots: int = 5, draws: int = 10, seed: int = 0,
              device: Optional[str] = None) -> Dict[str, Any]:
     start = time.perf_counter()
+    require_matplotlib()  # the pictures need it: say so before the work, not after
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pretrained, random_init, name = load_models(model, checkpoint, seed)
     train_set, test_set = eval_datasets(pretrained, "digits")
