@@ -1,8 +1,9 @@
-"""`flexpredict-train`: train from a config, or dispatch a subcommand (export, eval, demo, bench, slurm).
+"""`flexpredict-train`: train from a config, or dispatch a subcommand (export, eval, demo, bench, slurm, plot).
 
     flexpredict-train --config vit_b16 data.root=/data/imagenet run.output_dir=runs/b16
     torchrun --nproc_per_node=8 -m flexpredict_zoo.train --config vit_b16 data.root=/data/imagenet
     flexpredict-train export RUN_DIR --out DIR
+    flexpredict-train plot RUN_DIR [RUN_DIR...] --out FILE.png
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
     "demo": ("demo", "the embedded demo: pretrained vs random vs pixels on the digits held-out split"),
     "bench": ("bench", "train-step throughput benchmark"),
     "slurm": ("slurm", "submit a training run to SLURM through submitit"),
+    "plot": ("plot", "draw loss, lr, weight decay, momentum, images/s and memory of runs from their log.csv"),
 }
 PROG = "flexpredict-train"
 

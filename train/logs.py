@@ -75,7 +75,7 @@ def read_log_rows(path: Path) -> List[Dict[str, str]]:
             try:
                 int(float(row.get("iteration") or ""))
                 float(row.get("elapsed_s") or "nan")
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: an "inf" iteration
                 continue
             rows.append(row)
     return rows
