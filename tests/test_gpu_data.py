@@ -1,6 +1,8 @@
-"""GPU decode-and-augment path, exercised on CPU (torchvision decodes on CPU when device is cpu)."""
+"""GPU decode-and-augment path, exercised on CPU (torchvision decodes on CPU when device is cpu), and the trainer
+with data.decode=gpu."""
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +11,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import functional as TF
 
+from flexpredict_zoo.train import cli as train_cli
+from flexpredict_zoo.train.config import ConfigError, from_dict
 from flexpredict_zoo.train.data import IMAGENET_MEAN, IMAGENET_STD, UnreadableImage
-from flexpredict_zoo.train.gpu_data import (AugmentParams, GpuAugment, GpuDecodeLoader, JpegBatchCollator,
-                                            JpegBytesDataset, build_gpu_loader, decode_images, gaussian_blur,
-                                            sample_crop_boxes)
+from flexpredict_zoo.train.engine import Trainer, train
+from flexpredict_zoo.train.gpu_data import (DECODE_ON_CPU_ENV, AugmentParams, GpuAugment, GpuDecodeLoader,
+                                            JpegBatchCollator, JpegBytesDataset, build_gpu_loader, decode_images,
+                                            gaussian_blur, sample_crop_boxes)
+from flexpredict_zoo.train.masks import derive_seed
+from flexpredict_zoo.train.run_checkpoint import load_checkpoint
 
 
 def _smooth_image(h, w, seed):
@@ -194,3 +201,138 @@ def test_collator_without_masks_and_empty_batch():
     assert data == [] and paths == [] and labels.numel() == 0 and context == [] and targets == [] and len(bad) == 1
     with pytest.raises(ValueError, match="colour jitter"):
         GpuAugment(color_jitter=0.4)
+
+
+# ------------------------------------------------------------------------- the trainer with data.decode=gpu
+# On CPU with the CPU decoder (gpu_data.DECODE_ON_CPU_ENV, for tests only): the same code as on a CUDA device.
+
+
+def _training_folder(root, good=14):
+    """`good` JPEGs and PNGs of different sizes in two class folders, and six files no path can read."""
+    rng = np.random.default_rng(0)
+    for i in range(good):
+        size = (40 + 4 * (i % 5), 32 + 6 * (i % 3))
+        image = Image.fromarray(rng.integers(0, 256, (size[1] // 4, size[0] // 4, 3), dtype=np.uint8))
+        target = root / f"class_{i % 2}"
+        target.mkdir(parents=True, exist_ok=True)
+        image.resize(size, Image.BILINEAR).save(target / f"img_{i:02d}.{'jpg' if i % 3 else 'png'}")
+    jpeg = _jpeg_bytes(_smooth_image(48, 64, seed=5))
+    bad = root / "class_0"
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 20)
+    (bad / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    (bad / "text.jpg").write_text("not an image at all\n")
+    (bad / "broken.jpg").symlink_to(root / "missing.jpg")
+    (bad / "loop.jpg").symlink_to(bad / "loop.jpg")
+    return root
+
+
+UNREADABLE = {"empty.jpg", "corrupt.jpg", "truncated.jpg", "text.jpg", "broken.jpg", "loop.jpg"}
+
+
+def _folder_cfg(run_dir, root, decode, **sections):
+    base = {
+        "model": {"name": "flexpredict_vit_m4_32", "img_size": 32, "kwargs": {"depth": 2, "embed_dim": 64}},
+        "predictor": {"depth": 1, "embed_dim": 32, "num_heads": 4},
+        "mask": {"min_keep": 4},
+        "data": {"dataset": "folder", "root": str(root), "batch_size": 4, "num_workers": 2, "decode": decode},
+        "optim": {"epochs": 3, "warmup_epochs": 1, "lr_peak": 1e-3},
+        "run": {"output_dir": str(run_dir), "log_every": 1, "checkpoint_every": 100, "device": "cpu"},
+    }
+    for name, values in sections.items():
+        base[name] = dict(base[name], **values)
+    return from_dict(base)
+
+
+@pytest.fixture
+def decode_on_cpu(monkeypatch):
+    monkeypatch.setenv(DECODE_ON_CPU_ENV, "1")
+
+
+def test_gpu_decode_names_and_counts_the_unreadable_files_as_the_cpu_path(tmp_path, decode_on_cpu):
+    root = _training_folder(tmp_path / "images")  # 20 files, batch 4: one epoch visits every file
+    found = {}
+    for decode in ("cpu", "gpu"):
+        cfg = _folder_cfg(tmp_path / decode, root, decode, optim={"epochs": 1}, data={"max_unreadable_fraction": 0.5})
+        trainer = Trainer(cfg)
+        summary = trainer.fit()
+        assert summary["iterations"] == 5 and summary["unreadable_images"] == 6, decode
+        found[decode] = dict(trainer.unreadable)
+        log = (tmp_path / decode / "train.log").read_text()
+        for path in trainer.unreadable:  # each named once in the log, with its reason
+            assert log.count(f"skipped unreadable image {path}: ") == 1, (decode, path)
+    assert {Path(p).name for p in found["gpu"]} == UNREADABLE
+    assert found["gpu"].keys() == found["cpu"].keys()  # the same paths, as strings
+    for name in ("broken.jpg", "loop.jpg"):  # problems of the folder walk: the same reason on both paths
+        path = next(p for p in found["cpu"] if p.endswith(name))
+        assert found["gpu"][path] == found["cpu"][path]
+    assert found["gpu"][next(p for p in found["gpu"] if p.endswith("empty.jpg"))] == "file has 0 bytes, not an image"
+
+
+def test_gpu_decode_resumes_with_workers_on_the_same_trajectory(tmp_path, decode_on_cpu):
+    root = _training_folder(tmp_path / "images", good=12)
+    for path in root.glob("class_0/*.jpg"):  # readable files only: 12 images / batch 4 = 3 iterations per epoch
+        if path.name in UNREADABLE:
+            path.unlink()
+    straight_trainer = Trainer(_folder_cfg(tmp_path / "a", root, "gpu", run={"max_steps": 7}))
+    assert straight_trainer.gpu_augment is not None and straight_trainer.iterations_per_epoch == 3
+    straight = straight_trainer.fit()
+    # stopped at 2 (mid-epoch 0) and at 5 (mid-epoch 1); the resumed runs cross the epoch boundaries at 3 and 6
+    parts = [train(_folder_cfg(tmp_path / "b", root, "gpu", run={"max_steps": steps})) for steps in (2, 5, 7)]
+    assert [p["steps_this_run"] for p in parts] == [2, 3, 2] and parts[2]["resumed_from"].endswith("latest.pt")
+    assert len(straight["losses"]) == 7 and len(set(straight["losses"])) == 7
+    assert parts[0]["losses"] + parts[1]["losses"] + parts[2]["losses"] == straight["losses"]  # bit-identical
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "latest.pt")
+    assert a["iteration"] == b["iteration"] == 7
+    compared = 0
+    for key in ("encoder", "target_encoder", "predictor"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+            compared += 1
+    assert compared > 30
+    # the device augmentations are drawn per iteration: another seed gives another trajectory from the same weights
+    other = train(_folder_cfg(tmp_path / "c", root, "gpu", run={"max_steps": 2, "seed": 1}))
+    assert other["losses"] != straight["losses"][:2]
+
+
+def test_gpu_batches_are_the_decoded_files_augmented_with_the_iteration_seed(tmp_path, decode_on_cpu):
+    root = _training_folder(tmp_path / "images", good=8)
+    for path in root.glob("class_0/*.jpg"):
+        if path.name in UNREADABLE:
+            path.unlink()
+    trainer = Trainer(_folder_cfg(tmp_path / "run", root, "gpu", data={"num_workers": 0}))
+    first = [images for images, _, _ in trainer.batches(epoch=1)]
+    again = [images for images, _, _ in trainer.batches(epoch=1, start_batch=1)]
+    assert len(first) == 2 and first[0].shape == (4, 3, 32, 32) and torch.equal(again[0], first[1])
+    # by hand: the sampler's files of iteration 1 * 2 + 1 = 3, decoded, augmented with the (seed, rank, iteration) draws
+    trainer.sampler.set_epoch(1)
+    trainer.sampler.set_start_index(0)
+    keys = list(trainer.sampler)[4:8]
+    images = [TF.pil_to_tensor(Image.open(trainer.dataset.samples[k.index][0]).convert("RGB")) for k in keys]
+    expected = GpuAugment(img_size=32)(images, seed=derive_seed(0, 0, 3, "gpu-augment"))
+    assert torch.equal(first[1], expected)
+    trainer.close()
+
+
+def test_gpu_decode_without_cuda_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(DECODE_ON_CPU_ENV, raising=False)
+    root = _training_folder(tmp_path / "images", good=4)
+    with pytest.raises(ConfigError, match=r"data.decode=gpu decodes and augments on a CUDA GPU .* device is cpu.*"
+                                          r"use data.decode=cpu"):
+        Trainer(_folder_cfg(tmp_path / "run", root, "gpu"))
+    assert not (tmp_path / "run").exists()  # the failed start left no run folder
+    code = train_cli.main(["--config", "tiny_cpu", "data.dataset=folder", f"data.root={root}", "data.decode=gpu",
+                           "run.device=cpu", f"run.output_dir={tmp_path / 'cli'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: data.decode=gpu decodes and augments on a CUDA GPU" in err and "Traceback" not in err
+
+
+def test_decode_config_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="'data.decode' must be one of 'cpu', 'gpu', got 'nvjpeg'"):
+        _folder_cfg(tmp_path, tmp_path, "nvjpeg")
+    with pytest.raises(ConfigError, match="data.dataset=synthetic has none; use data.decode=cpu"):
+        from_dict({"data": {"dataset": "synthetic", "decode": "gpu"}})
+    with pytest.raises(ConfigError, match="data.decode=gpu has no colour jitter"):
+        _folder_cfg(tmp_path, tmp_path, "gpu", data={"color_jitter": 0.4})
+    assert from_dict({"data": {"dataset": "synthetic"}}).data.decode == "cpu"  # the default

@@ -66,7 +66,7 @@ def _build_trainer(args: argparse.Namespace, run_dir: str):
 
     # the data source goes in as overrides, so that validation sees it (a folder config without data.root is refused)
     source = (["data.dataset=synthetic"] if args.data == "synthetic" else
-              ["data.dataset=folder", f"data.root={args.data}"])
+              ["data.dataset=folder", f"data.root={args.data}", f"data.decode={args.decode}"])
     cfg = load_config(args.config, source + list(args.overrides))
     batch = args.batch_size or cfg.data.batch_size
     cfg.data.batch_size = batch
@@ -135,21 +135,12 @@ def _synthetic_batches(trainer: Any, batch: int, sets: int):
 
 
 def _folder_batches(trainer: Any, args: argparse.Namespace):
-    """An endless iterator of (images, context_masks, target_masks) on the device, from the folder."""
-    cfg = trainer.cfg
-    if args.decode == "gpu":
-        from .gpu_data import GpuAugment, build_gpu_loader
-        loader = build_gpu_loader(cfg.data.root, cfg.data.batch_size, GpuAugment.from_data_config(cfg.data, cfg.model.img_size),
-                                  trainer.device, mask_collator=trainer.mask_collator,
-                                  num_workers=cfg.data.num_workers)
-        while True:
-            for images, _, context_masks, target_masks in loader:
-                yield images, context_masks, target_masks
-    else:
-        epoch = 0
-        while True:  # the training data path itself: seeded samples, masks per iteration, persistent workers
-            yield from trainer.batches(epoch)
-            epoch += 1
+    """An endless iterator of (images, context_masks, target_masks) on the device, from the folder: the training
+    data path itself (data.decode cpu or gpu), seeded samples, masks per iteration, persistent workers."""
+    epoch = 0
+    while True:
+        yield from trainer.batches(epoch)
+        epoch += 1
 
 
 def benchmark(args: argparse.Namespace) -> Dict[str, Any]:

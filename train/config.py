@@ -74,6 +74,9 @@ class DataConfig:
     color_jitter: float = 0.0
     max_unreadable_fraction: float = 0.01
     synthetic_size: int = 1024
+    # "cpu": workers decode (PIL) and augment; "gpu": workers read file bytes, the CUDA device decodes (nvJPEG) and
+    # augments (gpu_data.py), for when CPU workers cannot keep up with the step. Folders only; needs CUDA.
+    decode: str = "cpu"
 
 
 @dataclass
@@ -339,6 +342,12 @@ def validate(cfg: TrainConfig) -> None:
                                             "(an ImageNet-style folder, e.g. data.root=/data/imagenet/train)")
     _check(d.batch_size >= 1 and d.num_workers >= 0, "config keys 'data.batch_size' >= 1 and 'data.num_workers' >= 0")
     _check(0 <= d.max_unreadable_fraction <= 1, "config key 'data.max_unreadable_fraction' must be in [0, 1]")
+    _choice("data.decode", d.decode, ("cpu", "gpu"))
+    _check(d.decode == "cpu" or d.dataset == "folder",
+           f"data.decode=gpu decodes image files on the GPU, and data.dataset={d.dataset} has none; use data.decode=cpu")
+    _check(d.decode == "cpu" or d.color_jitter == 0,
+           "data.decode=gpu has no colour jitter (the official recipes use strength 0); set data.color_jitter=0 or "
+           "use data.decode=cpu")
     _check(o.epochs >= 1, "config key 'optim.epochs' must be >= 1")
     _check(o.iterations_per_epoch is None or o.iterations_per_epoch >= 1,
            "config key 'optim.iterations_per_epoch' must be >= 1 or null")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from torchvision import transforms
 
 from flexpredict_zoo.features import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage,  # noqa: F401
@@ -139,10 +139,12 @@ class CollateWithUnreadable:
     too are a function of where the batch is in the run, not of which worker built it.
 
     Returns (collated samples, context_masks, target_masks, [(path, error)], iteration); the first three are None
-    when no sample of the batch was readable."""
+    when no sample of the batch was readable. `collate` puts the readable samples together (default_collate; the
+    GPU decode path keeps file bytes of different lengths as a list, gpu_data.collate_jpeg_bytes)."""
 
-    def __init__(self, mask_collator: Any, batch_size: int, iterations_per_epoch: int):
-        self.mask_collator = mask_collator
+    def __init__(self, mask_collator: Any, batch_size: int, iterations_per_epoch: int,
+                 collate: Callable[[List[Any]], Any] = default_collate):
+        self.mask_collator, self.collate = mask_collator, collate
         self.batch_size, self.iterations_per_epoch = int(batch_size), int(iterations_per_epoch)
 
     def __call__(self, items: Sequence[Tuple[Any, Any]]):
@@ -152,18 +154,19 @@ class CollateWithUnreadable:
         bad = [(str(b.path), str(b.error)) for b in bad]
         if not good:
             return None, None, None, bad, iteration
-        collated, context_masks, target_masks = self.mask_collator(good, counter=iteration)
-        return collated, context_masks, target_masks, bad, iteration
+        context_masks, target_masks = self.mask_collator.sample(len(good), counter=iteration)
+        return self.collate(good), context_masks, target_masks, bad, iteration
 
 
 def pretraining_loader(dataset: Dataset, sampler: Sampler, mask_collator: Any, *, batch_size: int,
                        iterations_per_epoch: int, num_workers: int, seed: int, drop_last: bool = True,
-                       pin_memory: bool = False, generator: Optional[torch.Generator] = None) -> DataLoader:
+                       pin_memory: bool = False, generator: Optional[torch.Generator] = None,
+                       collate: Callable[[List[Any]], Any] = default_collate) -> DataLoader:
     """The pretraining DataLoader: `sampler` yields distributed.SampleKeys (ResumableDistributedSampler), samples
     are seeded per (seed, epoch, index), masks per iteration; persistent workers. `generator` seeds the workers
-    (their base seed is drawn from it, never from the global RNG)."""
+    (their base seed is drawn from it, never from the global RNG). `collate`: see CollateWithUnreadable."""
     return DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=CollateWithUnreadable(mask_collator, batch_size, iterations_per_epoch),
+                      collate_fn=CollateWithUnreadable(mask_collator, batch_size, iterations_per_epoch, collate),
                       drop_last=drop_last, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                       generator=generator)
 
@@ -301,13 +304,17 @@ def _folder_split(root: Path, train: bool) -> Path:
 def build_pretraining_dataset(data_cfg: Any, img_size: int, train: bool = True, *,
                               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Dataset:
     """The dataset named by data_cfg.dataset. train=True applies the pretraining augmentations of the config;
-    train=False gives the evaluation split and preprocessing (folder: val/, digits: held-out)."""
+    train=False gives the evaluation split and preprocessing (folder: val/, digits: held-out). A folder with
+    data.decode=gpu gives its files' bytes (gpu_data.JpegBytesDataset) for training."""
     name = data_cfg.dataset
     if name == "folder":
         if not data_cfg.root:
             raise ValueError("data.dataset=folder needs data.root: an image folder (class subfolders or images), "
                              "or an ImageNet root holding train/ and val/")
         root = _folder_split(Path(data_cfg.root).expanduser(), train)
+        if train and getattr(data_cfg, "decode", "cpu") == "gpu":
+            from .gpu_data import JpegBytesDataset  # the same files; the device decodes and augments them
+            return JpegBytesDataset(root)
         tf = transform_from_config(data_cfg, img_size, mean, std) if train else eval_transform(img_size, mean, std)
         return ImageFolderDataset(root, transform=tf)
     if name == "digits":

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from flexpredict_zoo.atomic_write import remove_stale_temporaries
 from flexpredict_zoo.locks import output_lock
@@ -27,8 +27,9 @@ from . import distributed as dist_utils
 from . import run_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import build_pretraining_dataset, pretraining_loader
+from .gpu_data import GpuAugment, check_decode_device, collate_jpeg_bytes, decode_and_augment
 from .logs import MetricsLog, format_progress, logger, memory_gb, setup_logging
-from .masks import MaskConfig, MultiBlockMaskCollator
+from .masks import MaskConfig, MultiBlockMaskCollator, derive_seed
 from .model import StoPModel, encoder_kwargs
 from .optim import build_optimizer, set_hyperparameters
 from .schedules import Schedule
@@ -101,6 +102,7 @@ class Trainer:
                         ", ".join(str(p) for p in removed))
         self.precision = resolve_precision(cfg.run.precision, self.device)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        check_decode_device(cfg.data.decode, self.device)  # data.decode=gpu needs CUDA: say so before building
 
         # identical initial weights on every rank; per-rank randomness (noise, masks) after
         _seed_everything(cfg.run.seed)
@@ -115,6 +117,9 @@ class Trainer:
             from .compile import compile_model  # token dims dynamic: one graph per network for every mask length
             self.compile_counter = compile_model(self.model)
 
+        # data.decode=gpu: the dataset yields file bytes; the device decodes and augments them in batches()
+        self.gpu_augment = GpuAugment.from_data_config(cfg.data, cfg.model.img_size) \
+            if cfg.data.decode == "gpu" else None
         self.dataset = dataset if dataset is not None else build_pretraining_dataset(cfg.data, cfg.model.img_size)
         encoder = self.model.context_encoder
         mask_cfg = MaskConfig.from_config(cfg.mask, tuple(encoder.patch_embed.img_size),
@@ -169,19 +174,31 @@ class Trainer:
                                                                          List[torch.Tensor]]]:
         """(images, context_masks, target_masks) on the device for the batches of `epoch` from `start_batch` on,
         in the order of an uninterrupted run. Unreadable images are logged and counted (UnreadableDataError past
-        data.max_unreadable_fraction)."""
+        data.max_unreadable_fraction).
+
+        data.decode=gpu: the same loader with workers that read file bytes; the device decodes them (files that do
+        not decode are counted as unreadable, as the CPU path counts them) and augments the batch with draws seeded
+        from (run.seed, rank, iteration), so the augmentations too resume exactly."""
         d = self.cfg.data
+        gpu = self.gpu_augment is not None
         self.sampler.set_epoch(epoch)  # in the main process, before the pass: the keys carry the epoch
         self.sampler.set_start_index(start_batch * d.batch_size)
         if self._data_loader is None:  # one loader for the whole run: persistent workers
             self._data_loader = pretraining_loader(
                 self.dataset, self.sampler, self.mask_collator, batch_size=d.batch_size,
                 iterations_per_epoch=self.iterations_per_epoch, num_workers=d.num_workers, seed=self.cfg.run.seed,
-                drop_last=d.drop_last, pin_memory=d.pin_memory and self.device.type == "cuda",
+                drop_last=d.drop_last, pin_memory=d.pin_memory and self.device.type == "cuda" and not gpu,
                 # a generator of its own for worker seeds: building a loader never draws from the global RNG
-                generator=torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.env.rank))
+                generator=torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.env.rank),
+                collate=collate_jpeg_bytes if gpu else default_collate)
         non_blocking = self.device.type == "cuda"
-        for collated, context_masks, target_masks, bad, _ in self._data_loader:
+        for collated, context_masks, target_masks, bad, iteration in self._data_loader:
+            if gpu and collated is not None:
+                data, _, paths = collated
+                collated, context_masks, target_masks, _, undecodable = decode_and_augment(
+                    data, paths, context_masks, target_masks, self.gpu_augment, self.device,
+                    seed=derive_seed(self.cfg.run.seed, self.env.rank, iteration, "gpu-augment"))
+                bad = bad + [(str(u.path), str(u.error)) for u in undecodable]
             self._count_unreadable(bad, collated)
             images = collated[0] if isinstance(collated, (list, tuple)) else collated
             yield (images.to(self.device, non_blocking=non_blocking),
@@ -261,6 +278,8 @@ class Trainer:
             self.metrics.close()
             self.close()
         dist_utils.barrier(self.env)
+        from .plot import plot_command  # matplotlib is imported only when a plot is drawn
+        logger.info("plot this run: %s", plot_command(self.run_dir))
         wall = time.perf_counter() - self._start_time
         steps = self.iteration - start_iteration
         return {

@@ -12,6 +12,12 @@ which is the order of the official transform (I-JEPA `make_transforms`: crop, fl
 grayscale, blur, to-tensor, normalise). Every random draw comes from one CPU `torch.Generator`, so a seed gives the
 same augmentations on CPU and on the GPU.
 
+The trainer takes this path with `data.decode=gpu` (engine.Trainer.batches): the workers are those of
+data.pretraining_loader (the same sampler, the same unreadable-file reports, masks seeded by the batch's iteration)
+and the device-side draws of a batch are seeded from (run.seed, rank, iteration), so a resumed run sees the
+augmentations of an uninterrupted one. It needs a CUDA device; tests force it onto the CPU decoder with the
+environment variable FLEXPREDICT_TEST_DECODE_ON_CPU=1 (`check_decode_device`), which is for tests only.
+
 Differences from the PIL path (data.py), all below one 8-bit grey level on typical images:
 - PIL rounds to uint8 after the resize and after the blur; here everything after decoding stays float32.
 - PIL's GaussianBlur(radius) treats radius as the standard deviation but approximates the Gaussian with three
@@ -36,9 +42,23 @@ import torch.nn.functional as F
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, UnreadableImage, filter_unreadable, read_image
 
 __all__ = ["JpegBytesDataset", "JpegBatchCollator", "GpuAugment", "GpuDecodeLoader", "decode_images",
-           "sample_crop_boxes", "gaussian_blur", "build_gpu_loader", "AugmentParams", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "decode_and_augment", "collate_jpeg_bytes", "check_decode_device", "sample_crop_boxes", "gaussian_blur",
+           "build_gpu_loader", "AugmentParams", "IMAGENET_MEAN", "IMAGENET_STD", "DECODE_ON_CPU_ENV"]
 
 _JPEG_MAGIC = b"\xff\xd8"
+# For tests only: lets data.decode=gpu run its decode-and-augment path on a CPU device (torchvision's CPU decoder),
+# so that CPU test suites cover it. Users on a machine without CUDA get a ConfigError instead.
+DECODE_ON_CPU_ENV = "FLEXPREDICT_TEST_DECODE_ON_CPU"
+
+
+def check_decode_device(decode: str, device: torch.device) -> None:
+    """Refuse data.decode=gpu on a device that is not CUDA (unless a test set DECODE_ON_CPU_ENV=1)."""
+    if decode != "gpu" or torch.device(device).type == "cuda" or os.environ.get(DECODE_ON_CPU_ENV) == "1":
+        return
+    from .config import ConfigError
+    raise ConfigError(f"data.decode=gpu decodes and augments on a CUDA GPU (nvJPEG), but this run's device is "
+                      f"{device}{'' if torch.cuda.is_available() else ' (no CUDA device found)'}; use "
+                      f"data.decode=cpu (DataLoader workers decode and augment), or run on a CUDA machine")
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -78,21 +98,28 @@ class JpegBytesDataset(torch.utils.data.Dataset):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, str(path)
 
 
-class JpegBatchCollator:
-    """Collate (bytes, label, path) samples into `(byte tensors, labels, context_masks, target_masks, bad, paths)`.
+def collate_jpeg_bytes(samples: Sequence[Tuple[torch.Tensor, int, str]]
+                       ) -> Tuple[List[torch.Tensor], torch.Tensor, List[str]]:
+    """Readable JpegBytesDataset items -> (byte tensors, labels, paths). default_collate cannot stack byte strings
+    of different lengths, so the byte tensors stay a list."""
+    data = [item[0] for item in samples]
+    labels = torch.tensor([int(item[1]) for item in samples], dtype=torch.long)
+    return data, labels, [item[2] for item in samples]
 
-    default_collate cannot stack byte strings of different lengths, so the byte tensors stay a list; the masks come
-    from the multi-block collator's `sample(batch_size)` (its iteration counter is shared across workers, so the
-    masks are the ones the CPU path would give), sized for the readable images only."""
+
+class JpegBatchCollator:
+    """Collate (bytes, label, path) samples into `(byte tensors, labels, context_masks, target_masks, bad, paths)`,
+    for build_gpu_loader (the trainer uses data.pretraining_loader with collate_jpeg_bytes instead).
+
+    The masks come from the multi-block collator's `sample(batch_size)` (its iteration counter is shared across
+    workers), sized for the readable images only."""
 
     def __init__(self, mask_collator: Optional[Any] = None):
         self.mask_collator = mask_collator
 
     def __call__(self, batch: Sequence[Any]):
         good, bad = filter_unreadable(batch)
-        data = [item[0] for item in good]
-        labels = torch.tensor([int(item[1]) for item in good], dtype=torch.long)
-        paths = [item[2] for item in good]
+        data, labels, paths = collate_jpeg_bytes(good)
         if self.mask_collator is not None and good:
             context_masks, target_masks = self.mask_collator.sample(len(good))
         else:
@@ -239,8 +266,10 @@ class GpuAugment:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
 
-    def sample_params(self, sizes: Sequence[Tuple[int, int]]) -> AugmentParams:
-        g = self.generator
+    def sample_params(self, sizes: Sequence[Tuple[int, int]], generator: Optional[torch.Generator] = None
+                      ) -> AugmentParams:
+        """The draws for images of `sizes` (height, width), from `generator` (default: this augment's own)."""
+        g = generator if generator is not None else self.generator
         n = len(sizes)
         boxes = sample_crop_boxes(sizes, self.crop_scale, self.crop_ratio, g)
         flip = (torch.rand(n, generator=g) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
@@ -250,12 +279,15 @@ class GpuAugment:
         sigma = lo + (hi - lo) * torch.rand(n, generator=g)
         return AugmentParams(boxes, flip, grayscale, blur, sigma)
 
-    def __call__(self, images: Sequence[torch.Tensor], params: Optional[AugmentParams] = None) -> torch.Tensor:
-        """uint8 (3, H, W) images of any sizes, on one device -> normalised float32 (B, 3, S, S) on that device."""
+    def __call__(self, images: Sequence[torch.Tensor], params: Optional[AugmentParams] = None,
+                 seed: Optional[int] = None) -> torch.Tensor:
+        """uint8 (3, H, W) images of any sizes, on one device -> normalised float32 (B, 3, S, S) on that device.
+        The draws: `params` if given, else from a generator seeded with `seed`, else from this augment's own."""
         if not images:
             raise ValueError("GpuAugment got an empty batch")
         if params is None:
-            params = self.sample_params([tuple(im.shape[-2:]) for im in images])
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            params = self.sample_params([tuple(im.shape[-2:]) for im in images], generator)
         device = images[0].device
         size = (self.img_size, self.img_size)
         crops = []
@@ -280,6 +312,27 @@ class GpuAugment:
         return (x - mean) / std
 
 
+def decode_and_augment(data: Sequence[torch.Tensor], paths: Sequence[str], context_masks: Sequence[torch.Tensor],
+                       target_masks: Sequence[torch.Tensor], augment: GpuAugment, device: Union[str, torch.device],
+                       seed: Optional[int] = None):
+    """The device side of one batch: decode the file bytes on `device`, drop the mask rows of the files that did
+    not decode, augment (draws seeded with `seed`, see GpuAugment.__call__).
+
+    Returns (images (B, 3, S, S) float32 or None when nothing decoded, context_masks, target_masks (on `device`),
+    indices of the decoded inputs, UnreadableImage of each file that did not decode)."""
+    device = torch.device(device)
+    images, kept, undecodable = decode_images(data, device, names=paths)
+    if not images:
+        return None, [], [], kept, undecodable
+    if len(kept) < len(data):  # masks were sampled for len(data) images: keep the decoded rows
+        rows = torch.tensor(kept, dtype=torch.long)
+        context_masks = [m[rows] for m in context_masks]
+        target_masks = [m[rows] for m in target_masks]
+    to = dict(device=device, non_blocking=device.type == "cuda")
+    return (augment(images, seed=seed), [m.to(**to) for m in context_masks], [m.to(**to) for m in target_masks],
+            kept, undecodable)
+
+
 class GpuDecodeLoader:
     """Iterate a byte-reading DataLoader and decode + augment each batch on `device`.
 
@@ -299,20 +352,15 @@ class GpuDecodeLoader:
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]]:
         for data, labels, context_masks, target_masks, bad, paths in self.loader:
-            images, kept, undecodable = decode_images(data, self.device, names=paths)
+            images, context_masks, target_masks, kept, undecodable = decode_and_augment(
+                data, paths, context_masks, target_masks, self.augment, self.device)
             bad = list(bad) + undecodable
             if bad and self.on_unreadable is not None:
                 self.on_unreadable(bad)
-            if not images:
+            if images is None:
                 continue
-            if len(kept) < len(data):  # masks were sampled for len(data) images: keep the decoded rows
-                rows = torch.tensor(kept, dtype=torch.long)
-                context_masks = [m[rows] for m in context_masks]
-                target_masks = [m[rows] for m in target_masks]
-                labels = labels[rows]
-            to = dict(device=self.device, non_blocking=True)
-            yield (self.augment(images), labels.to(**to), [m.to(**to) for m in context_masks],
-                   [m.to(**to) for m in target_masks])
+            labels = labels[torch.tensor(kept, dtype=torch.long)] if len(kept) < len(data) else labels
+            yield images, labels.to(self.device, non_blocking=True), context_masks, target_masks
 
 
 def build_gpu_loader(root: Union[str, os.PathLike], batch_size: int, augment: GpuAugment,
