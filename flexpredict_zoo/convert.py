@@ -15,6 +15,7 @@ Same input, same bytes: both formats are byte-reproducible, so their sha256 can 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import re
@@ -25,7 +26,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from . import manifest
-from .atomic_write import write_folder_atomically
+from .atomic_write import remove_stale_temporaries, write_folder_atomically
 from .checkpoints import (SAFETENSORS_NAME, CheckpointError, check_fits, encoder_state_dict, load_file,
                           resolve_weight_file, save_safetensors, sha256_file)
 from .encoders import CONFIG_NAME, build_encoder, encoder_key
@@ -188,6 +189,8 @@ def write_model_folder(out_dir: PathLike, model: torch.nn.Module, model_name: st
                       flexpredict_model_args=json.dumps(plugin["model_args"]))
     out_dir = Path(out_dir).expanduser()
     with folder_lock(out_dir):
+        # what a killed writer of this folder left beside it (`.DIR.XXXX.tmp`); we hold its lock, and only its own
+        remove_stale_temporaries(out_dir.parent, [glob.escape(out_dir.name)])
         write_folder_atomically(out_dir, {
             SAFETENSORS_NAME: lambda p: save_safetensors(tensors, p, header),
             CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),

@@ -100,3 +100,17 @@ def test_the_same_extraction_gives_the_same_bytes(images, tmp_path):
         assert _extract(images, out, "--patch-tokens") == 0
         digests.add(__import__("hashlib").sha256(out.read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_a_killed_conversions_temporary_folder_is_removed_and_only_that(tmp_path, capsys):
+    from conftest import make_official_checkpoint
+    checkpoint = tmp_path / "ti.pth.tar"
+    make_official_checkpoint(checkpoint)
+    out = tmp_path / "exported"
+    leftover = tmp_path / ".exported.k3j2h1.tmp"  # what write_folder_atomically leaves when killed
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"\0" * 4096)
+    other = tmp_path / ".exported-2.k3j2h1.tmp"
+    other.mkdir()
+    assert zoo_main(["convert", str(checkpoint), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and not leftover.exists() and other.is_dir()
