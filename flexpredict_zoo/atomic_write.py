@@ -110,6 +110,9 @@ def check_writable(folder: Path) -> None:
                               f"permissions") from None
 
 
+_RANDOM = "[a-z0-9_]" * 8
+
+
 def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> List[Path]:
     """Remove what a killed process left in `folder` while writing the outputs `names` (glob patterns of output
     names: "latest.pt", "shard-*.safetensors"; pass glob.escape(name) for a user's name): the temporary files and
@@ -122,7 +125,9 @@ def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> List[Path]:
     if not folder.is_dir():
         return removed
     for name in names:
-        for pattern in (f".{name}.*.tmp", f".{name}.tmp.*"):
+        # mkstemp/mkdtemp add exactly 8 characters of [a-z0-9_]: `.model.v2.ab12cd34.tmp`, the live temporary
+        # of a sibling output `model.v2`, must not match the name `model`
+        for pattern in (f".{name}.{_RANDOM}.tmp", f".{name}.tmp.[0-9]*"):
             for temp in folder.glob(pattern):
                 if temp.is_dir() and not temp.is_symlink():
                     shutil.rmtree(temp, ignore_errors=True)

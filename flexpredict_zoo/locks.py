@@ -87,6 +87,20 @@ def output_lock(lock_file: PathLike, output: PathLike, job: str = "process",
             handle.close()
 
 
+def _forget_inherited_locks() -> None:
+    """In a forked child (DataLoader workers): close the inherited lock files. flock belongs to the open file
+    description, so a child keeping it open would hold its parent's lock after the parent died (kill -9) until the
+    child noticed; closing the child's copy leaves the parent's lock as it is."""
+    for _, handle in _HELD_HERE.values():
+        with contextlib.suppress(OSError):
+            handle.close()
+    _HELD_HERE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_locks)
+
+
 def _acquire(fcntl, lock_file: Path, output: Path, job: str, error: type):
     while True:
         handle = open(lock_file, "a+")

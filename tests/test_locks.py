@@ -122,3 +122,30 @@ def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, caplo
     with output_lock(tmp_path / ".lock", tmp_path / "run"):
         pass
     assert "this file system has no file locks" in caplog.text
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from flexpredict_zoo.locks import output_lock
+with output_lock(sys.argv[1], sys.argv[2]):
+    if os.fork() == 0:  # a DataLoader worker: lives on for a while after its parent is killed
+        time.sleep(30)
+        os._exit(0)
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    lock_file, output = tmp_path / ".lock", tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(lock_file), str(output)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGKILL)  # the child (same session) is still alive
+        holder.wait()
+        with output_lock(lock_file, output):  # free at once, not when the child exits
+            pass
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)

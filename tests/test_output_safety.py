@@ -50,7 +50,8 @@ def test_a_killed_saves_temporaries_are_removed_and_only_those(images, tmp_path,
     leftovers = [tmp_path / ".features.safetensors.q1w2e3r4.tmp", tmp_path / ".features.safetensors.tmp.999"]
     for path in leftovers:
         path.write_bytes(b"\0" * 4096)
-    others = [tmp_path / ".other.safetensors.q1w2e3r4.tmp", tmp_path / "features.safetensors.tmp"]
+    others = [tmp_path / ".other.safetensors.q1w2e3r4.tmp", tmp_path / "features.safetensors.tmp",
+              tmp_path / ".features.safetensors.bak.zz99yy88.tmp"]  # a sibling output's live temporary
     for path in others:
         path.write_text("not ours")
     assert _extract(images, out) == 0
@@ -107,10 +108,10 @@ def test_a_killed_conversions_temporary_folder_is_removed_and_only_that(tmp_path
     checkpoint = tmp_path / "ti.pth.tar"
     make_official_checkpoint(checkpoint)
     out = tmp_path / "exported"
-    leftover = tmp_path / ".exported.k3j2h1.tmp"  # what write_folder_atomically leaves when killed
+    leftover = tmp_path / ".exported.k3j2h1g0.tmp"  # what write_folder_atomically leaves when killed
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"\0" * 4096)
-    other = tmp_path / ".exported-2.k3j2h1.tmp"
+    other = tmp_path / ".exported.v2.ab12cd34.tmp"  # the live temporary of a sibling output, exported.v2
     other.mkdir()
     assert zoo_main(["convert", str(checkpoint), "--out", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and not leftover.exists() and other.is_dir()

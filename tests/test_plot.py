@@ -223,9 +223,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(expected) and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     assert cli.main(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: plotting needs matplotlib") and err.count("\n") == 1
+    assert err.startswith("error: drawing needs matplotlib, which is not installed") and err.count("\n") == 1
     assert 'pip install "flexpredict-zoo[viz]"' in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"]

@@ -62,11 +62,12 @@ def test_leftovers_of_a_killed_save_are_removed_at_the_next_start_and_only_those
     run = tmp_path / "run"
     assert _train(run, "run.max_steps=1") == 0
     ckpts = run / "checkpoints"
-    leftovers = [ckpts / ".latest.pt.k2j4_x9q.tmp", ckpts / ".latest.pt.tmp.4242", ckpts / ".iter_0000004.pt.ab12.tmp",
-                 run / ".log.csv.zz11.tmp"]
+    leftovers = [ckpts / ".latest.pt.k2j4_x9q.tmp", ckpts / ".latest.pt.tmp.4242", ckpts / ".iter_0000004.pt.ab12cd34.tmp",
+                 run / ".log.csv.zz11yy22.tmp"]
     for path in leftovers:
         path.write_bytes(b"\0" * 1000)
-    foreign = [ckpts / ".notes.tmp", run / "mine.tmp", ckpts / ".latest.pt.bak"]
+    foreign = [ckpts / ".notes.tmp", run / "mine.tmp", ckpts / ".latest.pt.bak",
+               ckpts / ".latest.pt.bak.ab12cd34.tmp"]  # the live temporary of another output, latest.pt.bak
     for path in foreign:
         path.write_text("not ours")
     assert _train(run, "run.max_steps=2") == 0
@@ -148,3 +149,23 @@ def test_full_disk_during_extraction_is_one_line_and_leaves_nothing(small_disk, 
     line = _one_error_line(capsys)
     assert line.startswith(f"error: no space left on device at {small_disk}: {out} was not written")
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_log_csv_is_named_once_and_closing_does_not_hide_it(tmp_path):
+    from flexpredict_zoo.atomic_write import DiskFullError
+    from flexpredict_zoo.train.logs import CSV_FIELDS, MetricsLog
+    log = MetricsLog(tmp_path)
+    log._file.close()
+    log._file = open("/dev/full", "w", newline="")  # every flush fails with ENOSPC, as on a full disk
+    log._writer = csv.DictWriter(log._file, fieldnames=CSV_FIELDS)
+    with pytest.raises(DiskFullError, match=r"no space left on device at .*the row of iteration 7 in .*log.csv"):
+        log.write({key: 1.0 for key in CSV_FIELDS} | {"iteration": 7})
+    log.close()  # the same buffered row fails again on close: already reported, not raised a second time
+
+
+def test_read_log_rows_leaves_out_rows_cut_short(tmp_path):
+    from flexpredict_zoo.train.logs import CSV_FIELDS, read_log_rows
+    text = ",".join(CSV_FIELDS) + "\n" + ",".join(["1"] * len(CSV_FIELDS)) + "\n" + "2,0,0.9\n"
+    (tmp_path / "log.csv").write_text(text)
+    assert [row["iteration"] for row in read_log_rows(tmp_path / "log.csv")] == ["1"]

@@ -75,6 +75,9 @@ class Trainer:
         self.device = self.env.device
         self.run_dir = Path(cfg.run.output_dir).expanduser()
         self._held = contextlib.ExitStack()  # the run folder's lock, until fit() ends or close()
+        self._locked = False  # whether this process took that lock (only then may a failed start remove the folder)
+        self._start_time: Optional[float] = None  # set by fit()
+        self.losses: List[float] = []
         created = self.env.is_main and not self.run_dir.exists()
         try:
             self._start(dataset, created)
@@ -148,7 +151,8 @@ class Trainer:
         """A run that failed to start: release the folder, and remove it if this process created it and nothing
         was trained into it (a mistyped data.root must not leave empty run folders behind)."""
         setup_logging(None, self.env.is_main, self.env.rank)  # closes train.log
-        if created and getattr(self, "_locked", False) and self.run_dir.is_dir() and not any(run_checkpoint.checkpoint_dir(self.run_dir).glob("*.pt")):
+        trained = any(run_checkpoint.checkpoint_dir(self.run_dir).glob("*.pt"))
+        if created and self._locked and self.run_dir.is_dir() and not trained:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.close()
 
@@ -275,8 +279,10 @@ class Trainer:
                     if self.iteration % ipe == 0 or self.iteration >= total:
                         break
         finally:
-            self.metrics.close()
-            self.close()
+            try:
+                self.metrics.close()
+            finally:
+                self.close()
         dist_utils.barrier(self.env)
         from .plot import plot_command  # matplotlib is imported only when a plot is drawn
         logger.info("plot this run: %s", plot_command(self.run_dir))
@@ -310,7 +316,7 @@ class Trainer:
 
     def _elapsed(self, now: Optional[float] = None) -> float:
         """Training time of the whole run, across resumes."""
-        start = getattr(self, "_start_time", None)
+        start = self._start_time
         return self.elapsed_before + ((now or time.perf_counter()) - start if start is not None else 0.0)
 
     def _log(self, epoch: int) -> None:
@@ -369,7 +375,7 @@ class Trainer:
                         "world_size": self.env.world_size, "seed": self.cfg.run.seed},
             # the masks of iteration i are drawn from (seed, i): the counter is the iteration
             "mask_generator": dict(self.mask_collator.state_dict(), counter=self.iteration),
-            "loss": self.losses[-1] if getattr(self, "losses", None) else None,
+            "loss": self.losses[-1] if self.losses else None,
             "elapsed_s": self._elapsed(),
         }
 

@@ -19,6 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from flexpredict_zoo import manifest
 from flexpredict_zoo.checkpoints import SAFETENSORS_NAME, CheckpointError, sha256_file
+from flexpredict_zoo.cli import TIMM_NATIVE_HELP
 from flexpredict_zoo.convert import CONFIG_NAME, folder_lock, write_model_folder
 from flexpredict_zoo.encoders import architecture_kwargs, build_encoder, encoder_key, read_run_checkpoint
 
@@ -161,9 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "a manifest evaluation record)")
     parser.add_argument("--description", help="description recorded in the manifest entry")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
-    parser.add_argument("--timm-native", action="store_true",
-                        help="write timm's own ViT (loads with stock timm, no flexpredict_zoo; equal outputs at the "
-                             "native size only, interpolated position embedding at other sizes)")
+    parser.add_argument("--timm-native", action="store_true", help=TIMM_NATIVE_HELP)
     return parser
 
 

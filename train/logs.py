@@ -72,6 +72,8 @@ def read_log_rows(path: Path) -> List[Dict[str, str]]:
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
+            if None in row or None in row.values():  # cut short (or two rows run together) by a crash
+                continue
             try:
                 int(float(row.get("iteration") or ""))
                 float(row.get("elapsed_s") or "nan")
@@ -131,8 +133,12 @@ class MetricsLog:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as error:  # the row a full disk refused is flushed again here: already reported
+                if not is_disk_full(error):
+                    raise
         if self._tb is not None:
             self._tb.close()
             self._tb = None

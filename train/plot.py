@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from flexpredict_zoo.atomic_write import write_file_atomically
-from flexpredict_zoo.cli import CommandUnavailableError
+from flexpredict_zoo.show import require_matplotlib
 
 from .logs import CSV_FIELDS, read_log_rows
 
@@ -155,11 +155,8 @@ def draw_runs(logs: Sequence[Columns], labels: Sequence[str], smooth: float = DE
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"--smooth {smooth} must be in [0, 1): the weight of the past in the moving average "
                          f"(0: no smoothing)")
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-    except ImportError as e:
-        raise CommandUnavailableError(f"plotting needs matplotlib ({e}); install it: "
-                                      f'pip install "flexpredict-zoo[viz]"') from None
+    require_matplotlib()  # the zoo's one check: one message naming the extra
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     figure = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI, layout="constrained")
     axes = figure.subplots(3, 2, sharex=True).ravel()
     colors = [f"C{index % 10}" for index in range(len(logs))]
