@@ -1,11 +1,13 @@
 """Data-pipeline throughput: images/s delivered with the official augmentations and the multi-block masks.
 
     python benchmarks/bench_data.py --workers 16 --batch-size 128 --batches 30            # on the GPU machine
-    python benchmarks/bench_data.py --workers 2 --images 64 --batch-size 16 --size 64 --batches 4   # CPU check
+    python benchmarks/bench_data.py --workers 2 --images 64 --batch-size 16 --size 160 --batches 4  # CPU check
 
 (a) cpu: the training DataLoader path (PIL decode, data.pretraining_transform, data.pretraining_loader with
     the mask collator) in N persistent workers;
-(b) gpu: workers read bytes and sample masks, the device decodes (nvJPEG on CUDA) and augments (gpu_data.py).
+(b) gpu: the trainer's data.decode=gpu path (engine.Trainer.batches): the same data.pretraining_loader with
+    workers that read file bytes (gpu_data.JpegBytesDataset, collate_jpeg_bytes), then gpu_data.decode_and_augment
+    per batch on --device (nvJPEG on CUDA, torchvision's decoder on the CPU), draws seeded by iteration.
 Without --folder, synthetic 500x375 JPEGs (textured noise, about 80 KB at quality 90) are written to a temporary
 folder. The first batch (worker start-up) is not timed.
 """
@@ -68,27 +70,43 @@ def _timed(iterator, batches: int, device: torch.device) -> Dict[str, float]:
 
 
 def _cycle(loader, pick):
+    """pick(batch) of data.pretraining_loader's batches, endlessly; a batch with nothing readable is skipped."""
     while True:
         for batch in loader:
-            yield pick(batch)
+            picked = pick(batch) if batch[0] is not None else None
+            if picked is not None:
+                yield picked
+
+
+def _loader(dataset, workers: int, batch_size: int, img_size: int, **kwargs):
+    """data.pretraining_loader as the trainer builds it, one process, seed 0."""
+    from flexpredict_zoo.train.data import pretraining_loader
+    from flexpredict_zoo.train.distributed import ResumableDistributedSampler
+    return pretraining_loader(dataset, ResumableDistributedSampler(dataset, 1, 0), _mask_collator(img_size),
+                              batch_size=batch_size, iterations_per_epoch=len(dataset) // batch_size,
+                              num_workers=workers, seed=0, **kwargs)
 
 
 def bench_cpu_path(root: Path, workers: int, batch_size: int, batches: int, img_size: int = 224) -> Dict[str, float]:
-    from flexpredict_zoo.train.data import ImageFolderDataset, pretraining_loader, pretraining_transform
-    from flexpredict_zoo.train.distributed import ResumableDistributedSampler
+    from flexpredict_zoo.train.data import ImageFolderDataset, pretraining_transform
     dataset = ImageFolderDataset(root, transform=pretraining_transform(img_size))
-    loader = pretraining_loader(dataset, ResumableDistributedSampler(dataset, 1, 0), _mask_collator(img_size),
-                                batch_size=batch_size, iterations_per_epoch=len(dataset) // batch_size,
-                                num_workers=workers, seed=0, pin_memory=torch.cuda.is_available())
+    loader = _loader(dataset, workers, batch_size, img_size, pin_memory=torch.cuda.is_available())
     return _timed(_cycle(loader, lambda b: b[0][0]), batches, torch.device("cpu"))
 
 
 def bench_gpu_path(root: Path, workers: int, batch_size: int, batches: int, device: torch.device,
                    img_size: int = 224) -> Dict[str, float]:
-    from flexpredict_zoo.train.gpu_data import GpuAugment, build_gpu_loader
-    loader = build_gpu_loader(root, batch_size, GpuAugment(img_size=img_size, seed=0), device,
-                              mask_collator=_mask_collator(img_size), num_workers=workers)
-    return _timed(_cycle(loader, lambda b: b[0]), batches, device)
+    from flexpredict_zoo.train.gpu_data import GpuAugment, JpegBytesDataset, collate_jpeg_bytes, decode_and_augment
+    from flexpredict_zoo.train.masks import derive_seed
+    loader = _loader(JpegBytesDataset(root), workers, batch_size, img_size, collate=collate_jpeg_bytes)
+    augment = GpuAugment(img_size=img_size)
+
+    def decode(batch):
+        (data, _, paths), context_masks, target_masks, _, iteration = batch
+        return decode_and_augment(data, paths, context_masks, target_masks, augment, device,
+                                  seed=derive_seed(0, 0, iteration, "gpu-augment"))[0]  # the trainer's seed, rank 0
+
+    return _timed(_cycle(loader, decode), batches, device)
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:

@@ -119,14 +119,14 @@ def _link_problem(path: Path, error: OSError) -> str:
     return f"cannot open: {error.strerror or error}"
 
 
-def walk_images(folder: PathLike) -> List[ImageFile]:
+def walk_images(folder: PathLike, recursive: bool = True) -> List[ImageFile]:
     """Every file under `folder` that looks like an image (IMAGE_EXTENSIONS), sorted by its path relative to
     `folder` (its name), for extraction and training alike.
 
     Symbolic links to folders are followed, each real folder once (a link back to an ancestor, or a second link
     to the same folder, is not walked again); a broken link, a link loop, something that is not a regular file
     (a FIFO named .jpg) and a subfolder that cannot be listed are returned with their `problem`, so callers
-    report them as skipped."""
+    report them as skipped. `recursive=False`: the files directly in `folder` only; no subfolder is listed."""
     folder = Path(folder)
     found: List[ImageFile] = []
     visited = set()
@@ -147,6 +147,8 @@ def walk_images(folder: PathLike) -> List[ImageFile]:
             dirnames[:] = []
             continue
         visited.add((info.st_dev, info.st_ino))
+        if not recursive:  # os.walk descends into what is left in dirnames: nothing
+            dirnames[:] = []
         dirnames.sort()  # a deterministic walk, so which of two links to a folder counts is deterministic too
         for filename in filenames:
             path = Path(dirpath) / filename

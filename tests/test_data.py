@@ -1,6 +1,7 @@
 """train/data.py: augmentation parameters, unreadable images, folder labels, digits split, synthetic data."""
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -100,6 +101,25 @@ def test_flat_folder_gets_label_minus_one(tmp_path):
         write_image(tmp_path / f"{i}.png")
     ds = ImageFolderDataset(tmp_path)
     assert len(ds) == 3 and ds.classes == [] and all(ds[i][1] == -1 for i in range(3))
+
+
+def test_flat_folder_does_not_list_its_hidden_subfolders(tmp_path, monkeypatch):
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png")
+    for i in range(50):  # a large hidden subfolder (a cache, a .git), nested, and one that cannot be listed
+        write_image(tmp_path / ".cache" / f"{i // 10}" / f"{i}.jpg", size=(2, 2))
+    (tmp_path / ".locked").mkdir()
+    real, listed = os.scandir, []
+
+    def scandir(path="."):
+        listed.append(os.path.realpath(os.fsdecode(path)))
+        if listed[-1] == str((tmp_path / ".locked").resolve()):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    ds = ImageFolderDataset(tmp_path)
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["0.png", "1.png", "2.png"] and ds.problems == {}
+    assert set(listed) <= {str(tmp_path.resolve())}  # the top folder only: nothing below it was listed
 
 
 def test_empty_or_missing_folder_raises_clear_error(tmp_path):

@@ -15,9 +15,11 @@ from flexpredict_zoo.train import cli as train_cli
 from flexpredict_zoo.train.config import ConfigError, from_dict
 from flexpredict_zoo.train.data import IMAGENET_MEAN, IMAGENET_STD, UnreadableImage
 from flexpredict_zoo.train.engine import Trainer, train
-from flexpredict_zoo.train.gpu_data import (DECODE_ON_CPU_ENV, AugmentParams, GpuAugment, GpuDecodeLoader,
-                                            JpegBatchCollator, JpegBytesDataset, build_gpu_loader, decode_images,
-                                            gaussian_blur, sample_crop_boxes)
+from flexpredict_zoo.train.data import CollateWithUnreadable, pretraining_loader
+from flexpredict_zoo.train.distributed import ResumableDistributedSampler, SampleKey
+from flexpredict_zoo.train.gpu_data import (DECODE_ON_CPU_ENV, AugmentParams, GpuAugment, JpegBytesDataset,
+                                            collate_jpeg_bytes, decode_and_augment, decode_images, gaussian_blur,
+                                            sample_crop_boxes)
 from flexpredict_zoo.train.masks import derive_seed
 from flexpredict_zoo.train.run_checkpoint import load_checkpoint
 
@@ -57,7 +59,8 @@ def test_dataset_reads_bytes_and_reports_empty_file(folder):
     assert all(t.dtype == torch.uint8 and t.ndim == 1 for t, _, _ in good)
     assert sorted({label for _, label, _ in good}) == [0, 1]
     path, label = ds.samples[0]
-    assert torch.equal(good[0][0], torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
+    assert torch.equal(good[0][0], torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8))
+    assert good[0][1:] == (label, path)
 
 
 def test_decode_reports_corrupt_jpeg_and_decodes_png(folder):
@@ -174,31 +177,38 @@ def test_blur_sigma_means_pil_radius():
 
 
 class _FakeMasks:
-    """Stand-in for the multi-block collator's sample(batch_size): deterministic index masks."""
+    """Stand-in for the multi-block collator's sample(batch_size, counter): deterministic index masks."""
 
-    def sample(self, batch_size):
+    def sample(self, batch_size, counter=0):
         context = torch.arange(batch_size * 6).reshape(batch_size, 6) % 16
         targets = [torch.arange(batch_size * 3).reshape(batch_size, 3) % 16 + k for k in range(2)]
         return [context], targets
 
 
 def test_loader_drops_unreadable_keeps_mask_rows(folder):
-    reported = []
-    loader = build_gpu_loader(folder, batch_size=9, augment=GpuAugment(img_size=16, seed=0), device="cpu",
-                              mask_collator=_FakeMasks(), num_workers=0, shuffle=False, on_unreadable=reported.extend)
-    (images, labels, context_masks, target_masks), = list(loader)
-    assert images.shape == (7, 3, 16, 16)
-    assert sorted(b.path.rsplit("/", 1)[-1] for b in reported) == ["corrupt.jpg", "empty.jpg"]
-    assert labels.tolist() == [0] * 3 + [1] * 4
+    # the trainer's data.decode=gpu path (engine.Trainer.batches): pretraining_loader over the file bytes, then
+    # decode_and_augment on the device (here the CPU decoder)
+    ds = JpegBytesDataset(folder)
+    loader = pretraining_loader(ds, ResumableDistributedSampler(ds, 1, 0, shuffle=False), _FakeMasks(), batch_size=9,
+                                iterations_per_epoch=1, num_workers=0, seed=0, collate=collate_jpeg_bytes)
+    ((data, labels, paths), context_masks, target_masks, bad, iteration), = list(loader)
+    images, context_masks, target_masks, kept, undecodable = decode_and_augment(
+        data, paths, context_masks, target_masks, GpuAugment(img_size=16, seed=0), "cpu", seed=0)
+    assert images.shape == (7, 3, 16, 16) and iteration == 0
+    reported = [path for path, _ in bad] + [u.path for u in undecodable]
+    assert sorted(p.rsplit("/", 1)[-1] for p in reported) == ["corrupt.jpg", "empty.jpg"]
+    assert labels[kept].tolist() == [0] * 3 + [1] * 4
     # masks were sampled for the 8 readable files; the row of the corrupt one (sorted position 3) is removed
     full = _FakeMasks().sample(8)
     rows = [0, 1, 2, 4, 5, 6, 7]
+    assert kept == rows
     assert torch.equal(context_masks[0], full[0][0][rows]) and torch.equal(target_masks[1], full[1][1][rows])
 
 
-def test_collator_without_masks_and_empty_batch():
-    data, labels, context, targets, bad, paths = JpegBatchCollator()([UnreadableImage("a.jpg", "x")])
-    assert data == [] and paths == [] and labels.numel() == 0 and context == [] and targets == [] and len(bad) == 1
+def test_collate_of_an_unreadable_batch_and_colour_jitter_refused():
+    collate = CollateWithUnreadable(_FakeMasks(), batch_size=1, iterations_per_epoch=1, collate=collate_jpeg_bytes)
+    data, context, targets, bad, iteration = collate([(SampleKey(0, 0, 0), UnreadableImage("a.jpg", "x"))])
+    assert data is None and context is None and targets is None and bad == [("a.jpg", "x")] and iteration == 0
     with pytest.raises(ValueError, match="colour jitter"):
         GpuAugment(color_jitter=0.4)
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import flexpredict_zoo  # noqa: F401  (registers the models)
-from flexpredict_zoo.features import extract_features, find_images, read_image
+from flexpredict_zoo.features import extract_features, find_images, read_image, walk_images
 from flexpredict_zoo.train.data import ImageFolderDataset
 from flexpredict_zoo.train.gpu_data import JpegBytesDataset, decode_images
 
@@ -76,6 +76,15 @@ def test_the_walk_follows_linked_folders_once_and_names_every_problem(odd_folder
     assert set(problems) == set(EXPECTED_PROBLEMS)
     for name, start in EXPECTED_PROBLEMS.items():
         assert problems[name].startswith(start), (name, problems[name])
+
+
+def test_the_walk_without_recursion_lists_the_top_folder_only(odd_folder):
+    files = walk_images(odd_folder, recursive=False)
+    assert [f.name for f in files if f.problem is None] == ["a.jpg"]  # not sub/, linked/ nor the loop through up/
+    problems = {f.name: f.problem for f in files if f.problem is not None}
+    assert set(problems) == {"broken.jpg", "loop.jpg", "fifo.jpg"}  # locked/ is not listed, so not reported
+    for name in problems:
+        assert problems[name].startswith(EXPECTED_PROBLEMS[name]), (name, problems[name])
 
 
 def test_extraction_reads_or_names_every_file(odd_folder):

@@ -177,8 +177,10 @@ class ImageFolderDataset(Dataset):
 
     With class folders, images are found recursively inside each class folder (the zoo's one walk,
     `flexpredict_zoo.features.walk_images`: symbolic links to folders followed once) and files lying directly in
-    `root` are ignored. Unreadable images, and what the walk could not read (broken links, link loops, folders that
-    cannot be listed), become `UnreadableImage` items with their reason: counted and reported, never left out.
+    `root` are ignored; a flat folder gives the images lying directly in it (hidden subfolders are not listed).
+    Unreadable images, and what the walk could not read (broken links, link loops, folders that cannot be listed),
+    become `UnreadableImage` items with their reason: counted and reported, never left out. A subclass changes only
+    how one listed file is loaded (`_load`; gpu_data.JpegBytesDataset gives its bytes).
     """
 
     def __init__(self, root: os.PathLike, transform: Optional[Callable] = None):
@@ -193,7 +195,7 @@ class ImageFolderDataset(Dataset):
             found = [(f, label) for label, d in enumerate(class_dirs) for f in walk_images(d)]
         else:
             self.classes = []
-            found = [(f, -1) for f in walk_images(self.root) if "/" not in f.name.rstrip("/")]
+            found = [(f, -1) for f in walk_images(self.root, recursive=False)]  # hidden subfolders are not listed
         self.samples = [(str(f.path), label) for f, label in found]
         self.problems: Dict[str, str] = {str(f.path): f.problem for f, _ in found if f.problem is not None}
         if not self.samples:
@@ -207,6 +209,10 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[index]
         if path in self.problems:
             return UnreadableImage(path, self.problems[path])
+        return self._load(path, label)
+
+    def _load(self, path: str, label: int):
+        """The item of one listed file: `(image, label)`, the image read and transformed, or UnreadableImage."""
         try:
             img = read_image(path)  # the zoo's one image reader, as extraction and evaluation
         except Exception as e:  # any decode failure: report it, never kill the worker

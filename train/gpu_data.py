@@ -33,17 +33,17 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, UnreadableImage, filter_unreadable, read_image
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, UnreadableImage, read_image
 
-__all__ = ["JpegBytesDataset", "JpegBatchCollator", "GpuAugment", "GpuDecodeLoader", "decode_images",
-           "decode_and_augment", "collate_jpeg_bytes", "check_decode_device", "sample_crop_boxes", "gaussian_blur",
-           "build_gpu_loader", "AugmentParams", "IMAGENET_MEAN", "IMAGENET_STD", "DECODE_ON_CPU_ENV"]
+__all__ = ["JpegBytesDataset", "GpuAugment", "decode_images", "decode_and_augment", "collate_jpeg_bytes",
+           "check_decode_device", "sample_crop_boxes", "gaussian_blur", "AugmentParams", "IMAGENET_MEAN",
+           "IMAGENET_STD", "DECODE_ON_CPU_ENV"]
 
 _JPEG_MAGIC = b"\xff\xd8"
 # For tests only: lets data.decode=gpu run its decode-and-augment path on a CPU device (torchvision's CPU decoder),
@@ -63,39 +63,23 @@ def check_decode_device(decode: str, device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------------ worker side
 
-class JpegBytesDataset(torch.utils.data.Dataset):
-    """Items are `(uint8 tensor of the file's bytes, label, path)`; a file that cannot be read, is empty, or is not an
-    image format the decoder knows gives `UnreadableImage(path, error)` instead (never raises in a worker), as
-    `data.build_pretraining_dataset` does. Decoding happens later, on the device."""
+class JpegBytesDataset(ImageFolderDataset):
+    """The files of data.ImageFolderDataset (the same walk, labels and reported problems), read as bytes: items are
+    `(uint8 tensor of the file's bytes, label, path)`; a file that cannot be read, is empty, or that the walk could
+    not read gives `UnreadableImage(path, error)` instead (never raises in a worker). Decoding happens later, on
+    the device."""
 
-    def __init__(self, root: Union[str, os.PathLike, None] = None,
-                 files: Optional[Sequence[Tuple[Union[str, os.PathLike], int]]] = None):
-        if (root is None) == (files is None):
-            raise ValueError("give either root (an image folder) or files (a list of (path, label))")
-        if root is not None:
-            folder = ImageFolderDataset(root)  # the same file list and labels as the CPU path
-            self.samples = [(Path(p), label) for p, label in folder.samples]
-            self.classes = folder.classes
-            self.problems = folder.problems  # broken links, link loops, unlistable folders: reported as on the CPU path
-        else:
-            self.samples = [(Path(p), int(label)) for p, label in files]
-            self.classes = []
-            self.problems = {}
+    def __init__(self, root: Union[str, os.PathLike]):
+        super().__init__(root)  # no transform: the device decodes and augments the batch
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        if str(path) in self.problems:
-            return UnreadableImage(str(path), self.problems[str(path)])
+    def _load(self, path: str, label: int):
         try:
-            data = path.read_bytes()
+            data = Path(path).read_bytes()
         except OSError as error:
-            return UnreadableImage(str(path), f"cannot read file: {error}")
+            return UnreadableImage(path, f"cannot read file: {error}")
         if len(data) < 4:
-            return UnreadableImage(str(path), f"file has {len(data)} bytes, not an image")
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, str(path)
+            return UnreadableImage(path, f"file has {len(data)} bytes, not an image")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, path
 
 
 def collate_jpeg_bytes(samples: Sequence[Tuple[torch.Tensor, int, str]]
@@ -105,26 +89,6 @@ def collate_jpeg_bytes(samples: Sequence[Tuple[torch.Tensor, int, str]]
     data = [item[0] for item in samples]
     labels = torch.tensor([int(item[1]) for item in samples], dtype=torch.long)
     return data, labels, [item[2] for item in samples]
-
-
-class JpegBatchCollator:
-    """Collate (bytes, label, path) samples into `(byte tensors, labels, context_masks, target_masks, bad, paths)`,
-    for build_gpu_loader (the trainer uses data.pretraining_loader with collate_jpeg_bytes instead).
-
-    The masks come from the multi-block collator's `sample(batch_size)` (its iteration counter is shared across
-    workers), sized for the readable images only."""
-
-    def __init__(self, mask_collator: Optional[Any] = None):
-        self.mask_collator = mask_collator
-
-    def __call__(self, batch: Sequence[Any]):
-        good, bad = filter_unreadable(batch)
-        data, labels, paths = collate_jpeg_bytes(good)
-        if self.mask_collator is not None and good:
-            context_masks, target_masks = self.mask_collator.sample(len(good))
-        else:
-            context_masks, target_masks = [], []
-        return data, labels, context_masks, target_masks, bad, paths
 
 
 # ------------------------------------------------------------------------------------------------ device side
@@ -331,46 +295,3 @@ def decode_and_augment(data: Sequence[torch.Tensor], paths: Sequence[str], conte
     to = dict(device=device, non_blocking=device.type == "cuda")
     return (augment(images, seed=seed), [m.to(**to) for m in context_masks], [m.to(**to) for m in target_masks],
             kept, undecodable)
-
-
-class GpuDecodeLoader:
-    """Iterate a byte-reading DataLoader and decode + augment each batch on `device`.
-
-    Yields `(images (B, 3, S, S) float32, labels, context_masks, target_masks)` on `device`. Unreadable images are
-    handed to `on_unreadable(list of UnreadableImage)` (the trainer logs and counts them against
-    data.max_unreadable_fraction), as the CPU path does."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, augment: GpuAugment, device: Union[str, torch.device],
-                 on_unreadable: Optional[Callable[[List[UnreadableImage]], None]] = None):
-        self.loader = loader
-        self.augment = augment
-        self.device = torch.device(device)
-        self.on_unreadable = on_unreadable
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]]:
-        for data, labels, context_masks, target_masks, bad, paths in self.loader:
-            images, context_masks, target_masks, kept, undecodable = decode_and_augment(
-                data, paths, context_masks, target_masks, self.augment, self.device)
-            bad = list(bad) + undecodable
-            if bad and self.on_unreadable is not None:
-                self.on_unreadable(bad)
-            if images is None:
-                continue
-            labels = labels[torch.tensor(kept, dtype=torch.long)] if len(kept) < len(data) else labels
-            yield images, labels.to(self.device, non_blocking=True), context_masks, target_masks
-
-
-def build_gpu_loader(root: Union[str, os.PathLike], batch_size: int, augment: GpuAugment,
-                     device: Union[str, torch.device], mask_collator: Optional[Any] = None, num_workers: int = 4,
-                     shuffle: bool = True, sampler: Optional[torch.utils.data.Sampler] = None,
-                     on_unreadable: Optional[Callable[[List[UnreadableImage]], None]] = None) -> GpuDecodeLoader:
-    """A GpuDecodeLoader over an image folder: workers read bytes and sample masks; the device decodes/augments."""
-    dataset = JpegBytesDataset(root)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=num_workers, collate_fn=JpegBatchCollator(mask_collator), drop_last=True,
-        persistent_workers=num_workers > 0, pin_memory=False)  # byte tensors of varied size: nothing to pin usefully
-    return GpuDecodeLoader(loader, augment, device, on_unreadable)
