@@ -66,11 +66,10 @@ def write_file_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_folder_atomically(out_dir: Path, files: Dict[str, Callable[[Path], None]], overwrite: bool) -> None:
-    """Write each `files[name](path)` into a temporary folder beside `out_dir`, then move them into place."""
-    existing = [name for name in files if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds {existing}; choose another --out folder or overwrite")
+def write_folder_atomically(out_dir: Path, files: Dict[str, Callable[[Path], None]]) -> None:
+    """Write each `files[name](path)` into a temporary folder beside `out_dir`, then move them into place,
+    replacing files of those names. Callers refuse existing files first, under the folder's lock
+    (locks.claim_output)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     umask = _umask()
@@ -118,8 +117,8 @@ def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> List[Path]:
     names: "latest.pt", "shard-*.safetensors"; pass glob.escape(name) for a user's name): the temporary files and
     folders of `write_file_atomically` / `write_folder_atomically` (`.NAME.XXXXXXXX.tmp`) and those of earlier
     versions (`.NAME.tmp.PID`). Only those: other files, and other programs' temporaries, are never touched. Call
-    it only while holding the output's lock (locks.output_lock), so no living writer is using them. Returns the
-    removed paths."""
+    it only while holding the output's lock (locks.output_lock; locks.claim_output does both), so no living writer
+    is using them. Returns the removed paths."""
     folder = Path(folder)
     removed: List[Path] = []
     if not folder.is_dir():

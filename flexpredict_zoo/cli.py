@@ -19,16 +19,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type, Unio
 
 from . import manifest
 from .checkpoints import DOWNLOAD_AGAIN, REINSTALL, CheckpointError, sha256_file, verify_sha256
+from .errors import CommandUnavailableError  # also imported from here by older code
 from .manifest import UnknownModelError
 
 NOT_RECORDED = "not recorded"
 TIMM_NATIVE_HELP = ("write timm's own ViT: stock timm loads it without flexpredict_zoo, with equal outputs at the "
                     "native input size; at other sizes timm interpolates the position embedding (README: Which "
                     "folder)")
-
-
-class CommandUnavailableError(RuntimeError):
-    """A command whose optional dependencies are not installed; the message says what to install."""
 
 
 # Library errors whose messages are written for users: printed as `error: ...`, exit code 2, no traceback.
@@ -262,8 +259,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_command(args.func, args)
 
 
-if __name__ == "__main__":
-    # `python -m flexpredict_zoo.cli` (torchrun): run the package's module, not this __main__ copy, so errors that
-    # other modules raise (show's CommandUnavailableError) are the classes USER_ERRORS holds
-    from flexpredict_zoo.cli import main as package_main
-    sys.exit(package_main())
+if __name__ == "__main__":  # `python -m flexpredict_zoo.cli` (torchrun)
+    sys.exit(main())

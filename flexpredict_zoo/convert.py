@@ -15,7 +15,6 @@ Same input, same bytes: both formats are byte-reproducible, so their sha256 can 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import re
@@ -26,11 +25,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from . import manifest
-from .atomic_write import remove_stale_temporaries, write_folder_atomically
+from .atomic_write import write_folder_atomically
 from .checkpoints import (SAFETENSORS_NAME, CheckpointError, check_fits, encoder_state_dict, load_file,
                           resolve_weight_file, save_safetensors, sha256_file)
 from .encoders import CONFIG_NAME, build_encoder, encoder_key
-from .locks import lock_path_beside, output_lock
+from .locks import claim_output
 
 PathLike = Union[str, Path]
 # Where the weights came from is not part of an export's config: timm must load the folder's own files.
@@ -45,14 +44,15 @@ TIMM_VIT_NAMES = {(192, 12, 3): "vit_tiny_patch16_224", (384, 12, 6): "vit_small
 # What makes timm's VisionTransformer compute FlexPredict: no class token, mean over the final-normed tokens; the
 # position embedding stays timm's default learned parameter, which holds the exact sin-cos values.
 TIMM_NATIVE_ARGS = dict(class_token=False, global_pool="avg", fc_norm=False)
+MODEL_FOLDER_JOB = "conversion, export or upload"  # one lock for the three: its holder's command says which
 
 
 def folder_lock(out_dir: PathLike) -> contextlib.AbstractContextManager:
-    """The lock of a model folder (`.DIR.lock` beside it, locks.output_lock), held by every process that writes
-    into it (convert, export, push) from reading its input to its last file, so a second one fails at once,
-    naming the first (its command line says which of the three it is)."""
-    out_dir = Path(out_dir).expanduser()
-    return output_lock(lock_path_beside(out_dir), out_dir, "conversion, export or upload")
+    """The lock of a model folder (`.DIR.lock` beside it, locks.claim_output, which also removes what a killed
+    writer of this folder left beside it), held by every process that writes into it (convert, export, push)
+    from reading its input to its last file, so a second one fails at once, naming the first. Existing files
+    are refused by `write_model_folder`, under the same lock (shared within a process)."""
+    return claim_output(Path(out_dir).expanduser(), MODEL_FOLDER_JOB, names=())
 
 
 def timm_native_architecture(model_name: str, model_args: Optional[Mapping[str, Any]] = None
@@ -169,8 +169,8 @@ def write_model_folder(out_dir: PathLike, model: torch.nn.Module, model_name: st
     `format`, `architecture`, `encoder`, `model_args` plus `metadata`, keys sorted) and `config.json`
     (`export_config`), then `extra_files[name](path)` in order (they may read the weights already written beside
     them). All files appear together or not at all, and the same input gives the same bytes. The check for
-    existing files and the writing happen under `folder_lock(out_dir)`; callers that read a long input first take
-    the lock before reading it (the lock is shared within a process). Returns the folder.
+    existing files and the writing happen under the folder's lock (`folder_lock`); callers that read a long input
+    first take the lock before reading it (the lock is shared within a process). Returns the folder.
 
     `timm_native`: write timm's own ViT instead (`timm_native_architecture`: its name and model_args in
     config.json, `pos_embed` stored with the exact sin-cos values), loadable by stock timm without this package;
@@ -188,14 +188,13 @@ def write_model_folder(out_dir: PathLike, model: torch.nn.Module, model_name: st
         header.update(architecture=timm_name, model_args=json.dumps(native_args), flexpredict_architecture=model_name,
                       flexpredict_model_args=json.dumps(plugin["model_args"]))
     out_dir = Path(out_dir).expanduser()
-    with folder_lock(out_dir):
-        # what a killed writer of this folder left beside it (`.DIR.XXXX.tmp`); we hold its lock, and only its own
-        remove_stale_temporaries(out_dir.parent, [glob.escape(out_dir.name)])
-        write_folder_atomically(out_dir, {
-            SAFETENSORS_NAME: lambda p: save_safetensors(tensors, p, header),
-            CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
-            **dict(extra_files or {}),
-        }, overwrite)
+    files = {
+        SAFETENSORS_NAME: lambda p: save_safetensors(tensors, p, header),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
+        **dict(extra_files or {}),
+    }
+    with claim_output(out_dir, MODEL_FOLDER_JOB, overwrite, names=files):
+        write_folder_atomically(out_dir, files)
     return out_dir
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import glob
 import hashlib
 import json
 import logging
@@ -39,16 +38,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from .atomic_write import check_writable, remove_stale_temporaries, write_file_atomically
+from .atomic_write import check_writable, write_file_atomically
 from .checkpoints import save_safetensors
 from .feature_store import (SHARD_TARGET_BYTES, FeatureStore, begin_store, finish_store, fingerprint_digest,
                             open_features, shard_file_name, state_dict_sha256, store_lock)
-from .locks import lock_path_beside, output_lock
+from .locks import claim_output
 
 __all__ = ["FeatureResult", "extract_features", "extract_to_store", "open_features", "FeatureStore", "encode_batch",
            "save_features", "load_features", "find_images", "walk_images", "ImageFile",
            "eval_transform", "model_eval_transform", "model_data_config", "UnreadableImage", "read_image",
-           "normalise_layers", "add_extract_arguments", "run_extract", "IMAGE_EXTENSIONS"]
+           "normalise_layers", "add_model_arguments", "model_arguments", "add_extract_arguments", "run_extract",
+           "IMAGE_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -862,12 +862,39 @@ def load_features(path: PathLike) -> FeatureResult:
 
 # ------------------------------------------------------------------------------------------------------------ CLI
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of every command that runs a model over images (`extract`, `show`): MODEL PATH...,
+    --checkpoint, --no-pretrained, --encoder, --device. `model_arguments` reads them."""
+    parser.add_argument("model", metavar="MODEL",
+                        help="model name (e.g. flexpredict_vit_b16; any timm name, ViT-like for show), training run "
+                             "folder, checkpoint file, exported folder, hf-hub:ORG/NAME or local-dir:DIR")
+    parser.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                        help="weights for the model name MODEL (official checkpoint, safetensors or converted folder)")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="random weights, seeded 0 (for testing a pipeline)")
+    parser.add_argument("--encoder", choices=["target", "context"], default=None,
+                        help="for checkpoints holding both: the EMA target encoder (default, as the paper) or the "
+                             "context one")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available; extract "
+                                                       "under torchrun: cuda:LOCAL_RANK)")
+    return parser
+
+
+def model_arguments(args: argparse.Namespace) -> Tuple[Union[str, List[str]], Dict[str, Any]]:
+    """(inputs, model options) from the `add_model_arguments` arguments: the inputs as `find_images` takes them
+    (one path: names relative to it, as in the API; several: names as given) and the keyword arguments
+    `pretrained`, `weights`, `encoder`, `device` of `extract_features` and `show`."""
+    if args.checkpoint and args.no_pretrained:
+        raise ValueError("--checkpoint and --no-pretrained contradict each other; pass one of them")
+    inputs = args.paths[0] if len(args.paths) == 1 else args.paths
+    return inputs, dict(pretrained=not args.no_pretrained, weights=args.checkpoint, encoder=args.encoder,
+                        device=args.device)
+
+
 def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `flexpredict-zoo extract MODEL PATH... --out DIR | FILE.safetensors`."""
-    parser.add_argument("model", metavar="MODEL",
-                        help="model name (e.g. flexpredict_vit_b16; any timm name), training run folder, checkpoint "
-                             "file, exported folder, hf-hub:ORG/NAME or local-dir:DIR")
-    parser.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders (searched recursively)")
+    add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR|FILE.safetensors",
                         help="a folder: a feature store of shards (any size; resumable: run the same command again "
                              "to continue; several processes under torchrun); FILE.safetensors: one file, in memory")
@@ -878,21 +905,12 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader worker processes (default: min(8, CPU count))")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available; under "
-                                                       "torchrun cuda:LOCAL_RANK)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--patch-tokens", action="store_true", help="also store the (N, L, D) patch tokens")
     parser.add_argument("--layers", type=int, nargs="+", default=None, metavar="I",
                         help="also store these blocks' outputs, final-normed and mean-pooled (0-based, negative "
                              "from the end; the paper's last-4 probe is --layers -4 -3 -2 -1)")
-    parser.add_argument("--encoder", choices=["target", "context"], default=None,
-                        help="for checkpoints holding both: the EMA target encoder (default, as the paper) or the "
-                             "context one")
-    parser.add_argument("--no-pretrained", action="store_true",
-                        help="random weights, seeded 0 (for testing a pipeline)")
-    parser.add_argument("--checkpoint", default=None, metavar="FILE",
-                        help="weights for the model name MODEL (official checkpoint, safetensors or converted folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -903,13 +921,9 @@ def _shapes_text(shapes: Mapping[str, Any]) -> str:
 
 def run_extract(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if args.checkpoint and args.no_pretrained:
-        raise ValueError("--checkpoint and --no-pretrained contradict each other; pass one of them")
-    # One folder: names relative to it, as in the API; several paths: names as given.
-    inputs = args.paths[0] if len(args.paths) == 1 else args.paths
-    options = dict(batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                   patch_tokens=args.patch_tokens, layers=args.layers, pretrained=not args.no_pretrained,
-                   dtype=args.dtype, progress=not args.no_progress, weights=args.checkpoint, encoder=args.encoder)
+    inputs, model_options = model_arguments(args)
+    options = dict(batch_size=args.batch_size, num_workers=args.workers, patch_tokens=args.patch_tokens,
+                   layers=args.layers, dtype=args.dtype, progress=not args.no_progress, **model_options)
     if out.suffix != ".safetensors":
         return _run_extract_to_store(args, out, inputs, options)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -920,11 +934,8 @@ def run_extract(args: argparse.Namespace) -> int:
     find_images(inputs)  # the inputs and the output folder are checked before the model is loaded
     check_writable(out.parent)
     # one process per output: a second extraction to the same file is refused, naming this one, instead of
-    # replacing its result at the end; the "exists" check and the cleanup happen inside the lock
-    with output_lock(lock_path_beside(out), out, "extraction"):
-        remove_stale_temporaries(out.parent, [glob.escape(out.name)])  # a killed save's, never another program's
-        if out.exists() and not args.overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    # replacing its result at the end
+    with claim_output(out, "extraction", args.overwrite):
         result = extract_features(args.model, inputs, **options)
         extra = {"weights": str(args.checkpoint) if args.checkpoint else ("none" if args.no_pretrained else "pretrained")}
         save_features(result, out, extra)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import glob
 import json
 import logging
 import os
 import socket
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Union
+from typing import Dict, Iterable, Iterator, Optional, Union
 
-__all__ = ["OutputInUseError", "output_lock", "lock_path_beside"]
+from .atomic_write import remove_stale_temporaries
+
+__all__ = ["OutputInUseError", "output_lock", "lock_path_beside", "claim_output"]
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger(__name__)
@@ -85,6 +88,35 @@ def output_lock(lock_file: PathLike, output: PathLike, job: str = "process",
                 lock_file.unlink()  # while still holding it: a waiting process sees the inode change and retries
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
+
+
+@contextlib.contextmanager
+def claim_output(output: PathLike, job: str, overwrite: bool = False,
+                 names: Optional[Iterable[str]] = None) -> Iterator[Path]:
+    """The guard of an output replaced as a whole (a file, a model folder, show's folder), held while it is
+    written: its lock (`.NAME.lock` beside it, `output_lock`, naming `job`); then the removal of the temporaries
+    a killed writer of this output left beside it (this output's only); then, unless `overwrite`, the refusal of
+    an existing output (FileExistsError, one message). Cleanup and check come after the lock, so they see no
+    living writer. `names`: the files the job writes into the folder `output` (None: `output` is one file; empty:
+    nothing is refused). Yields `output` as a Path."""
+    output = Path(output)
+    with output_lock(lock_path_beside(output), output, job):
+        remove_stale_temporaries(output.parent, [glob.escape(output.name)])
+        _refuse_existing(output, overwrite, names)
+        yield output
+
+
+def _refuse_existing(output: Path, overwrite: bool, names: Optional[Iterable[str]]) -> None:
+    if overwrite:
+        return
+    if names is None:
+        if output.exists():
+            raise FileExistsError(f"{output} exists; pass --overwrite to replace it or choose another --out")
+        return
+    existing = [name for name in names if (output / name).exists()]
+    if existing:
+        raise FileExistsError(f"{output} already holds {', '.join(existing)}; pass --overwrite (overwrite=True in "
+                              f"Python) to replace them or choose another --out folder")
 
 
 def _forget_inherited_locks() -> None:

@@ -1,12 +1,11 @@
 """Upload a folder written by `flexpredict-zoo convert` to the Hugging Face Hub, with a generated model card."""
 from __future__ import annotations
 
-import glob
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .atomic_write import remove_stale_temporaries, write_file_atomically
+from .atomic_write import write_file_atomically
 from .checkpoints import SAFETENSORS_NAME, CheckpointError
 from .convert import CONFIG_NAME, flexpredict_architecture, folder_lock, read_export, timm_native_copy
 from .model_card import render_hub_card
@@ -40,8 +39,7 @@ def push_to_hub(folder: Union[str, Path], repo_id: str, private: bool = False, r
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"repo_id must look like ORG/NAME, got {repo_id!r}")
     folder = Path(folder).expanduser()
-    with folder_lock(folder):
-        remove_stale_temporaries(folder.parent, [glob.escape(folder.name)])  # a killed push's copy (ours only)
+    with folder_lock(folder):  # also removes a killed push's temporary copy (this folder's only)
         config, _ = read_export(folder)
         if timm_native and "flexpredict" not in config:
             # beside the folder, on the disk the user chose for weights (a ViT-H copy is 2.5 GB), named as the

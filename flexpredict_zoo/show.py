@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import glob
 import html
 import io
 import json
@@ -35,11 +34,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .atomic_write import check_writable, remove_stale_temporaries, write_folder_atomically
-from .cli import CommandUnavailableError
-from .features import (ImageFile, PathLike, _load_model, encode_batch, eval_transform, extract_features,
-                       find_images, model_data_config, model_eval_transform, read_image)
-from .locks import lock_path_beside, output_lock
+from .atomic_write import check_writable, write_file_atomically, write_folder_atomically
+from .errors import CommandUnavailableError
+from .features import (ImageFile, PathLike, _load_model, add_model_arguments, encode_batch, eval_transform,
+                       extract_features, find_images, model_arguments, model_data_config, model_eval_transform,
+                       read_image)
+from .locks import claim_output
 
 __all__ = ["show", "PatchPCA", "patch_grid", "patch_features", "pca_rgb", "patch_pca_rgb", "similarity_maps",
            "Tile", "draw_grid", "grid_size_px", "require_matplotlib", "OUTPUT_NAMES", "HTML_TOLERANCE",
@@ -315,14 +315,18 @@ def draw_grid(tiles: Sequence[Sequence[Optional[Tile]]], path: Optional[PathLike
     exact pixel size (`grid_size_px`; a column title longer than its tile runs on over the next, empty, titles).
     `label_px`: width of the row labels' column (labels are shortened in the middle to fit). With `path` the PNG
     is written there atomically and `path` returned; without, its bytes are returned."""
-    from PIL import Image
-    pixels = _render_grid(tiles, tile_px, title, row_labels, column_titles, label_px)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    png = _png_bytes(_render_grid(tiles, tile_px, title, row_labels, column_titles, label_px))
     if path is None:
-        return buffer.getvalue()
-    from .atomic_write import write_file_atomically
-    return write_file_atomically(Path(path), lambda temp: temp.write_bytes(buffer.getvalue()))
+        return png
+    return write_file_atomically(Path(path), lambda temp: temp.write_bytes(png))
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    """The PNG of (H, W, 3) uint8 RGB pixels."""
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------ show
@@ -370,10 +374,7 @@ def _displayable(images: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 
 
 def _png_base64(pixels: np.ndarray) -> str:
-    from PIL import Image
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(_png_bytes(pixels)).decode("ascii")
 
 
 def _colormap_lut(name: str = SIMILARITY_CMAP) -> List[List[int]]:
@@ -476,17 +477,11 @@ def show(model: Union[str, nn.Module], inputs: Union[PathLike, Sequence[PathLike
         raise ValueError(f"patch image index {patch_image} is out of range: {len(files)} images were given "
                          f"(0..{len(files) - 1}, in the order listed)")
     check_writable(out_dir.parent)
-    # one process per output folder, as `extract`; the "exists" check and the cleanup happen inside the lock
-    with output_lock(lock_path_beside(out_dir), out_dir, "show"):
-        remove_stale_temporaries(out_dir.parent, [glob.escape(out_dir.name)])  # a killed write's temporary folder
-        existing = [name for name in OUTPUT_NAMES.values() if (out_dir / name).exists()]
-        if existing and not overwrite:
-            raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass --overwrite (overwrite=True) "
-                                  f"to replace them or choose another output folder")
+    with claim_output(out_dir, "show", overwrite, names=OUTPUT_NAMES.values()):  # one process per folder
         contents = _render(model, files, patch, patch_image, background_threshold, img_size, pretrained,
                            model_kwargs, weights, encoder, device, batch_size, tile)
         write_folder_atomically(out_dir, {name: (lambda path, data=data: path.write_bytes(data))
-                                          for name, data in contents.items()}, overwrite=overwrite)
+                                          for name, data in contents.items()})
     return {key: out_dir / name for key, name in OUTPUT_NAMES.items()}
 
 
@@ -648,11 +643,9 @@ def _patch_argument(text: str) -> Tuple[int, int]:
 
 
 def add_show_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of `flexpredict-zoo show MODEL PATH... --out DIR`."""
-    parser.add_argument("model", metavar="MODEL",
-                        help="model name (any timm ViT-like name too), training run folder, checkpoint file, "
-                             "exported folder, hf-hub:ORG/NAME or local-dir:DIR")
-    parser.add_argument("paths", metavar="PATH", nargs="+", help="image files or folders (searched recursively)")
+    """Arguments of `flexpredict-zoo show MODEL PATH... --out DIR` (the model and the images as `extract` takes
+    them: features.add_model_arguments)."""
+    add_model_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help=f"folder for {', '.join(OUTPUT_NAMES.values())}")
     parser.add_argument("--patch", type=_patch_argument, default=None, metavar="ROW,COL",
@@ -665,24 +658,15 @@ def add_show_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "PCA is fitted again over the rest (try 0.5)")
     parser.add_argument("--img-size", type=int, default=None, metavar="S",
                         help="input size in pixels (default: the model's); the model is resized for it")
-    parser.add_argument("--no-pretrained", action="store_true", help="random weights, seeded 0")
-    parser.add_argument("--checkpoint", default=None, metavar="FILE",
-                        help="weights for the model name MODEL (official checkpoint, safetensors or converted folder)")
-    parser.add_argument("--encoder", choices=["target", "context"], default=None,
-                        help="for checkpoints holding both: the EMA target encoder (default) or the context one")
-    parser.add_argument("--device", default=None, help="cuda, cpu... (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help=f"replace {', '.join(OUTPUT_NAMES.values())} in DIR")
     return parser
 
 
 def run_show(args: argparse.Namespace) -> int:
-    if args.checkpoint and args.no_pretrained:
-        raise ValueError("--checkpoint and --no-pretrained contradict each other; pass one of them")
-    inputs = args.paths[0] if len(args.paths) == 1 else args.paths  # names as `extract` gives them
+    inputs, model_options = model_arguments(args)  # names as `extract` gives them
     paths = show(args.model, inputs, args.out, patch=args.patch, patch_image=args.patch_image,
-                 background_threshold=args.background_threshold, img_size=args.img_size,
-                 pretrained=not args.no_pretrained, weights=args.checkpoint, encoder=args.encoder,
-                 device=args.device, overwrite=args.overwrite)
+                 background_threshold=args.background_threshold, img_size=args.img_size, overwrite=args.overwrite,
+                 **model_options)
     for path in paths.values():
         print(f"wrote {path}")
     return 0

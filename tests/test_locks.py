@@ -1,4 +1,5 @@
-"""locks.output_lock: one process per output, the second told who holds it; a killed holder never blocks."""
+"""locks.output_lock: one process per output, the second told who holds it; a killed holder never blocks.
+locks.claim_output: that lock, then the output's stale temporaries removed, then an existing output refused."""
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flexpredict_zoo.locks import OutputInUseError, lock_path_beside, output_lock, read_holder
+from flexpredict_zoo.locks import OutputInUseError, claim_output, lock_path_beside, output_lock, read_holder
 
 HOLD = """
 import sys, time
@@ -149,3 +150,37 @@ def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
     finally:
         with __import__("contextlib").suppress(ProcessLookupError):
             os.killpg(holder.pid, signal.SIGKILL)
+
+
+def test_claim_output_locks_cleans_only_its_own_temporaries_and_refuses_what_exists(tmp_path):
+    out = tmp_path / "plot.png"
+    stale = tmp_path / ".plot.png.k3j2h1g0.tmp"  # a killed write_file_atomically of this output
+    sibling = tmp_path / ".plot.png.v2.ab12cd34.tmp"  # the live temporary of another output, plot.png.v2
+    stale.write_bytes(b"x")
+    sibling.write_bytes(b"y")
+    with claim_output(out, "plot") as claimed:
+        assert claimed == out and not stale.exists() and sibling.exists()
+        assert read_holder(lock_path_beside(out))["pid"] == os.getpid()
+        with pytest.raises(OutputInUseError, match=f"plot.png is in use: process {os.getpid()} on "):
+            with _refused_in_child(lock_path_beside(out), out):
+                pass
+        out.write_bytes(b"png")
+    assert not lock_path_beside(out).exists()
+    with pytest.raises(FileExistsError) as caught:
+        with claim_output(out, "plot"):
+            pytest.fail("an existing output was not refused")
+    assert str(caught.value) == f"{out} exists; pass --overwrite to replace it or choose another --out"
+    assert not lock_path_beside(out).exists()  # released on the refusal too
+    with claim_output(out, "plot", overwrite=True):
+        pass
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"model already holds config.json; pass --overwrite"):
+        with claim_output(folder, "export", names=["model.safetensors", "config.json"]):
+            pass
+    with claim_output(folder, "export", names=["model.safetensors"]):
+        pass
+    with claim_output(folder, "export", names=()):  # only the lock and the cleanup
+        pass

@@ -235,3 +235,17 @@ def test_cli_without_matplotlib_names_the_extra(digits, tmp_path, capsys, monkey
     assert code == 2 and err.count("\n") == 1
     assert 'error: drawing needs matplotlib, which is not installed: pip install "flexpredict-zoo[viz]"' in err
     assert not (tmp_path / "out").exists()
+
+
+def test_module_entry_without_matplotlib_prints_one_error_line(digits, tmp_path):
+    # `python -m flexpredict_zoo.cli` runs cli.py as __main__, a second copy of the module: the error show raises
+    # must still be one of the user errors that copy knows (a class outside the entry module)
+    import subprocess
+    script = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+              "runpy.run_module('flexpredict_zoo.cli', run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-c", script, "show", DIGITS_MODEL, str(digits), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == ('error: drawing needs matplotlib, which is not installed: pip install '
+                           '"flexpredict-zoo[viz]"\n')
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,8 @@ import importlib
 import sys
 from typing import Callable, List, Optional, Tuple
 
-from flexpredict_zoo.cli import CommandUnavailableError, parse_or_exit_code, run_command
+from flexpredict_zoo.cli import parse_or_exit_code, run_command
+from flexpredict_zoo.errors import CommandUnavailableError
 
 # subcommand -> module of flexpredict_zoo.train providing add_arguments(parser) and run(args) -> int.
 # Imported lazily, so a missing optional piece only breaks its own subcommand.

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from flexpredict_zoo.atomic_write import write_file_atomically
+from flexpredict_zoo.locks import claim_output
 from flexpredict_zoo.show import require_matplotlib
 
 from .logs import CSV_FIELDS, read_log_rows
@@ -197,16 +198,15 @@ def plot_runs(run_dirs: Sequence[PathLike], out: PathLike, smooth: float = DEFAU
     out = Path(out).expanduser()
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; pass a file name such as {out / 'plot.png'}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
-    logs = [read_log(run) for run in run_dirs]
-    figure = draw_runs(logs, run_labels(run_dirs), smooth)
-    fmt = out.suffix.lstrip(".").lower()
-    supported = figure.canvas.get_supported_filetypes()
-    if fmt not in supported:
-        raise ValueError(f"--out {out}: cannot write {out.suffix or 'a file without a suffix'}; use one of "
-                         f"{', '.join('.' + s for s in sorted(supported))}")
-    return write_file_atomically(out, lambda temporary: figure.savefig(temporary, format=fmt, dpi=FIGURE_DPI))
+    with claim_output(out, "plot", overwrite):
+        logs = [read_log(run) for run in run_dirs]
+        figure = draw_runs(logs, run_labels(run_dirs), smooth)
+        fmt = out.suffix.lstrip(".").lower()
+        supported = figure.canvas.get_supported_filetypes()
+        if fmt not in supported:
+            raise ValueError(f"--out {out}: cannot write {out.suffix or 'a file without a suffix'}; use one of "
+                             f"{', '.join('.' + s for s in sorted(supported))}")
+        return write_file_atomically(out, lambda temporary: figure.savefig(temporary, format=fmt, dpi=FIGURE_DPI))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

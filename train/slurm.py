@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexpredict_zoo.cli import CommandUnavailableError
+from flexpredict_zoo.errors import CommandUnavailableError
 
 from .cli import PROG, add_config_arguments
 
