@@ -100,10 +100,17 @@ def claim_output(output: PathLike, job: str, overwrite: bool = False,
     living writer. `names`: the files the job writes into the folder `output` (None: `output` is one file; empty:
     nothing is refused). Yields `output` as a Path."""
     output = Path(output)
-    with output_lock(lock_path_beside(output), output, job):
-        remove_stale_temporaries(output.parent, [glob.escape(output.name)])
-        _refuse_existing(output, overwrite, names)
-        yield output
+    made = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]
+    try:
+        with output_lock(lock_path_beside(output), output, job):
+            remove_stale_temporaries(output.parent, [glob.escape(output.name)])
+            _refuse_existing(output, overwrite, names)
+            yield output
+    except BaseException:
+        for folder in made:  # the folders the lock file needed, if the job failed before writing into them
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
 
 
 def _refuse_existing(output: Path, overwrite: bool, names: Optional[Iterable[str]]) -> None:

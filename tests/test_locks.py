@@ -184,3 +184,16 @@ def test_claim_output_locks_cleans_only_its_own_temporaries_and_refuses_what_exi
         pass
     with claim_output(folder, "export", names=()):  # only the lock and the cleanup
         pass
+
+
+def test_a_claim_that_fails_leaves_no_folder_it_made(tmp_path):
+    from flexpredict_zoo.locks import claim_output
+    out = tmp_path / "new" / "deeper" / "plot.png"
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        with claim_output(out, "plot"):
+            assert out.parent.is_dir()  # the lock file lives beside the output
+            raise RuntimeError("drawing failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with claim_output(out, "plot"):
+        out.write_text("done")
+    assert out.read_text() == "done"
