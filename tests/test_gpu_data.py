@@ -346,3 +346,35 @@ def test_decode_config_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="data.decode=gpu has no colour jitter"):
         _folder_cfg(tmp_path, tmp_path, "gpu", data={"color_jitter": 0.4})
     assert from_dict({"data": {"dataset": "synthetic"}}).data.decode == "cpu"  # the default
+
+
+def test_prefetch_keeps_order_raises_the_threads_errors_and_stops_when_the_loop_breaks():
+    import threading
+    from flexpredict_zoo.train.gpu_data import prefetch
+    seen = []
+
+    def prepare(x):
+        seen.append(threading.current_thread().name)
+        if x == 7:
+            raise ValueError("item 7 is corrupt")
+        return x * 10
+    assert list(prefetch(iter(range(5)), prepare, "cpu", depth=2)) == [0, 10, 20, 30, 40]
+    assert set(seen) == {"flexpredict-prefetch"}  # prepared in the background thread
+    seen.clear()
+    assert list(prefetch(iter(range(5)), prepare, "cpu", depth=0)) == [0, 10, 20, 30, 40]
+    assert set(seen) == {threading.current_thread().name}  # depth 0: in the caller
+    with pytest.raises(ValueError, match="item 7 is corrupt"):
+        list(prefetch(iter(range(10)), prepare, "cpu", depth=1))
+    consumed = []
+
+    def endless():
+        i = 0
+        while True:
+            consumed.append(i)
+            yield i
+            i += 1
+    for value in prefetch(endless(), lambda x: x, "cpu", depth=2):
+        if value == 3:
+            break  # the generator is closed: the thread must stop, not run on
+    assert not any(t.name == "flexpredict-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(consumed) <= 3 + 2 + 2  # at most depth items ahead (plus the one in hand)

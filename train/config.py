@@ -77,6 +77,9 @@ class DataConfig:
     # "cpu": workers decode (PIL) and augment; "gpu": workers read file bytes, the CUDA device decodes (nvJPEG) and
     # augments (gpu_data.py), for when CPU workers cannot keep up with the step. Folders only; needs CUDA.
     decode: str = "cpu"
+    # data.decode=gpu: batches decoded and augmented ahead of the step by a background thread on a CUDA stream of
+    # its own, so decoding overlaps the training step (0: in the training loop, one after the other)
+    prefetch: int = 1
 
 
 @dataclass
@@ -343,6 +346,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.batch_size >= 1 and d.num_workers >= 0, "config keys 'data.batch_size' >= 1 and 'data.num_workers' >= 0")
     _check(0 <= d.max_unreadable_fraction <= 1, "config key 'data.max_unreadable_fraction' must be in [0, 1]")
     _choice("data.decode", d.decode, ("cpu", "gpu"))
+    _check(isinstance(d.prefetch, int) and d.prefetch >= 0,
+           f"data.prefetch must be a whole number >= 0 (batches decoded ahead; 0: none), got {d.prefetch!r}")
     _check(d.decode == "cpu" or d.dataset == "folder",
            f"data.decode=gpu decodes image files on the GPU, and data.dataset={d.dataset} has none; use data.decode=cpu")
     _check(d.decode == "cpu" or d.color_jitter == 0,

@@ -27,7 +27,7 @@ from . import distributed as dist_utils
 from . import run_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import build_pretraining_dataset, pretraining_loader
-from .gpu_data import GpuAugment, check_decode_device, collate_jpeg_bytes, decode_and_augment
+from .gpu_data import GpuAugment, check_decode_device, collate_jpeg_bytes, decode_and_augment, prefetch
 from .logs import MetricsLog, format_progress, logger, memory_gb, setup_logging
 from .masks import MaskConfig, MultiBlockMaskCollator, derive_seed
 from .model import StoPModel, encoder_kwargs
@@ -196,18 +196,27 @@ class Trainer:
                 generator=torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.env.rank),
                 collate=collate_jpeg_bytes if gpu else default_collate)
         non_blocking = self.device.type == "cuda"
-        for collated, context_masks, target_masks, bad, iteration in self._data_loader:
-            if gpu and collated is not None:
-                data, _, paths = collated
-                collated, context_masks, target_masks, _, undecodable = decode_and_augment(
-                    data, paths, context_masks, target_masks, self.gpu_augment, self.device,
-                    seed=derive_seed(self.cfg.run.seed, self.env.rank, iteration, "gpu-augment"))
-                bad = bad + [(str(u.path), str(u.error)) for u in undecodable]
+        items = iter(self._data_loader)  # here, in the main process: the sampler's epoch and start are set
+        if gpu:  # decoded up to data.prefetch batches ahead, overlapping the step
+            items = prefetch(items, self._decode_on_device, self.device, depth=d.prefetch)
+        for collated, context_masks, target_masks, bad, iteration in items:
             self._count_unreadable(bad, collated)
             images = collated[0] if isinstance(collated, (list, tuple)) else collated
             yield (images.to(self.device, non_blocking=non_blocking),
                    [m.to(self.device, non_blocking=non_blocking) for m in context_masks],
                    [m.to(self.device, non_blocking=non_blocking) for m in target_masks])
+
+    def _decode_on_device(self, item):
+        """data.decode=gpu: a loader item of file bytes -> the same item with decoded, augmented images (draws
+        seeded by the batch's iteration) and the files that did not decode added to its unreadable list."""
+        collated, context_masks, target_masks, bad, iteration = item
+        if collated is None:
+            return item
+        data, _, paths = collated
+        images, context_masks, target_masks, _, undecodable = decode_and_augment(
+            data, paths, context_masks, target_masks, self.gpu_augment, self.device,
+            seed=derive_seed(self.cfg.run.seed, self.env.rank, iteration, "gpu-augment"))
+        return images, context_masks, target_masks, bad + [(str(u.path), str(u.error)) for u in undecodable], iteration
 
     def _count_unreadable(self, bad: List[Tuple[str, str]], collated) -> None:
         for path, error in bad:

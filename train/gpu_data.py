@@ -28,12 +28,15 @@ Differences from the PIL path (data.py), all below one 8-bit grey level on typic
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,7 +46,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, UnreadableIma
 
 __all__ = ["JpegBytesDataset", "GpuAugment", "decode_images", "decode_and_augment", "collate_jpeg_bytes",
            "check_decode_device", "sample_crop_boxes", "gaussian_blur", "AugmentParams", "IMAGENET_MEAN",
-           "IMAGENET_STD", "DECODE_ON_CPU_ENV"]
+           "IMAGENET_STD", "DECODE_ON_CPU_ENV", "prefetch"]
 
 _JPEG_MAGIC = b"\xff\xd8"
 # For tests only: lets data.decode=gpu run its decode-and-augment path on a CPU device (torchvision's CPU decoder),
@@ -295,3 +298,75 @@ def decode_and_augment(data: Sequence[torch.Tensor], paths: Sequence[str], conte
     to = dict(device=device, non_blocking=device.type == "cuda")
     return (augment(images, seed=seed), [m.to(**to) for m in context_masks], [m.to(**to) for m in target_masks],
             kept, undecodable)
+
+
+# ------------------------------------------------------------------------------------------------ overlap
+
+_END = object()
+
+
+def prefetch(items: Iterator[Any], prepare: Callable[[Any], Any], device: Union[str, torch.device],
+             depth: int = 1) -> Iterator[Any]:
+    """`prepare(item)` for each item, in order, computed up to `depth` items ahead by a background thread (on a
+    CUDA stream of its own on a GPU, so decoding overlaps the training step; the consumer's stream waits for each
+    batch's event before using it). depth 0: prepared in the caller, one after the other. Errors of the thread are
+    raised in the caller; closing the generator (a loop that breaks) stops the thread."""
+    device = torch.device(device)
+    if depth <= 0:
+        for item in items:
+            yield prepare(item)
+        return
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    ready: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            if stream is not None:
+                torch.cuda.set_device(device)  # a new thread starts on device 0: each rank has its own device
+            for item in items:
+                if stop.is_set():
+                    return
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    prepared = prepare(item)
+                    event = stream.record_event() if stream is not None else None
+                put((prepared, event, None))
+            put((_END, None, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((None, None, error))
+
+    thread = threading.Thread(target=work, name="flexpredict-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            prepared, event, error = ready.get()
+            if error is not None:
+                raise error
+            if prepared is _END:
+                return
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for tensor in _tensors(prepared):  # made on the side stream, used on this one: keep them alive
+                    tensor.record_stream(current)
+            yield prepared
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        if value.is_cuda:
+            yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
