@@ -316,6 +316,8 @@ def prefetch(items: Iterator[Any], prepare: Callable[[Any], Any], device: Union[
         for item in items:
             yield prepare(item)
         return
+    if device.type == "cuda" and device.index is None:  # "cuda": the caller's current device, not the thread's
+        device = torch.device("cuda", torch.cuda.current_device())
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     ready: "queue.Queue" = queue.Queue(maxsize=depth)
     stop = threading.Event()
