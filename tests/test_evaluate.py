@@ -216,3 +216,29 @@ def test_eval_linear_on_digits_names_its_choice_and_a_second_eval_extracts_nothi
 def test_eval_folder_needs_train_and_val(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-dir"):
         evaluate.eval_datasets(tiny_model(), str(tmp_path))
+
+
+def test_an_evaluation_waits_for_another_filling_the_same_feature_cache(tmp_path, capsys, monkeypatch):
+    from conftest import lock_held_by_another_process
+    from flexpredict_zoo.feature_store import LOCK_NAME
+    import os
+    import time
+    features_dir = tmp_path / "feats"
+    torch.manual_seed(0)
+    model = timm.create_model("flexpredict_vit_m4_32", pretrained=False, depth=1).eval()
+    train_set = evaluate.DigitsDataset("train", transform=evaluate.eval_transform(32), img_size=32)
+    val_set = evaluate.DigitsDataset("heldout", transform=evaluate.eval_transform(32), img_size=32)
+    sleeps = []
+    with lock_held_by_another_process(features_dir / "train" / LOCK_NAME, features_dir / "train", "extraction") as pid:
+        holder = [pid]
+
+        def sleep_then_release(seconds):  # the other evaluation finishes during our first wait
+            sleeps.append(seconds)
+            if holder:
+                os.kill(holder.pop(), 9)
+                time.sleep(0.5)
+        monkeypatch.setattr(evaluate.time, "sleep", sleep_then_release)
+        train, val = evaluate.stored_features(model, train_set, val_set, "last", features_dir, "cpu")
+    assert sleeps and sleeps[0] == evaluate.STORE_WAIT_S
+    assert f"waiting for the features: {features_dir / 'train'} is in use: process {pid}" in capsys.readouterr().out
+    assert (features_dir / "train" / "index.json").is_file() and (features_dir / "val" / "index.json").is_file()

@@ -199,6 +199,7 @@ def eval_datasets(model: torch.nn.Module, data: str, train_dir: Optional[str] = 
 
 # ----------------------------------------------------------------------------------------------- feature stores
 FEATURES_CACHE_ENV = "FLEXPREDICT_FEATURES_CACHE"
+STORE_WAIT_S = 5.0  # how often an evaluation checks whether another one still fills the same feature cache
 
 
 class StoreBatches:
@@ -255,13 +256,25 @@ def stored_features(model: torch.nn.Module, train_set: Dataset, val_set: Dataset
                     report=print) -> Tuple[StoreBatches, StoreBatches]:
     """(train, evaluation) features as stores under `features_dir`/train and /val: extracted once, continued
     if an extraction was stopped, reused as they are by every later evaluation of the same weights and data."""
+    from flexpredict_zoo.feature_store import StoreInUseError
     from flexpredict_zoo.features import extract_to_store
     blocks = normalise_layers(layer_indices(layers), model)
     stores = []
     for split, dataset in (("train", train_set), ("val", val_set)):
-        store = extract_to_store(model, dataset, features_dir / split, layers=blocks, batch_size=batch_size,
-                                 device=device, num_workers=num_workers, fingerprint={"split": split},
-                                 report=report)
+        waiting = False
+        while True:
+            try:
+                store = extract_to_store(model, dataset, features_dir / split, layers=blocks, batch_size=batch_size,
+                                         device=device, num_workers=num_workers, fingerprint={"split": split},
+                                         report=report)
+                break
+            except StoreInUseError as error:
+                # another evaluation of the same weights and data (k-NN and linear started together) is filling
+                # this cache: wait for it and reuse its features rather than fail (a dead one releases the lock)
+                if not waiting:
+                    report(f"waiting for the features: {error}")
+                    waiting = True
+                time.sleep(STORE_WAIT_S)
         stores.append(StoreBatches(store, layers))
     return stores[0], stores[1]
 
