@@ -97,14 +97,12 @@ def read_log(run_dir: PathLike) -> Columns:
     if ITERATION not in header:
         raise ValueError(f"{log} is not a flexpredict-train log: its first line has no {ITERATION!r} column "
                          f"(expected the header {','.join(CSV_FIELDS)})")
-    # csv.DictReader gives a short row None for its missing cells and an over-long one a None key
-    complete = [row for row in rows if None not in row and None not in row.values()]
-    if not complete:
+    if not rows:  # read_log_rows left out rows cut short
         raise ValueError(f"{log} has no complete row yet; plot the run after its first progress line (a row every "
                          f"run.log_every iterations)")
     kept: List[List[float]] = []
     previous = -math.inf
-    for row in complete:
+    for row in rows:
         values = [_number(row[name], log, row[ITERATION], name) for name in header]
         iteration = values[header.index(ITERATION)]
         if iteration <= previous:  # a resumed segment: it replaces what was logged from its first iteration on
