@@ -58,3 +58,29 @@ def test_bench_runs_the_shipped_folder_configs_on_synthetic_data(capsys, config)
     result = json.loads(_run(capsys, "--config", config, "--steps", "1", "--warmup", "0", "--no-compile",
                              "--device", "cpu", "--batch-size", "2", "--json"))
     assert result["batch_size"] == 2 and math.isfinite(result["last_loss"])
+
+
+def test_bench_breakdown_parts_add_up_to_the_step(capsys):
+    # the parts of --breakdown are the whole step: their FLOPs, counted part by part, sum to the FLOPs counted over
+    # whole train steps on the same masks; and the target-encoder part is exactly the architecture's arithmetic
+    result = json.loads(_run(capsys, "--config", "tiny_cpu", "--steps", "4", "--warmup", "1", "--no-compile",
+                             "--device", "cpu", "--breakdown", "--json"))
+    parts = result["breakdown"]["parts"]
+    assert list(parts) == list(bench.PARTS)
+    total = sum(p["gflop_per_image"] for p in parts.values())
+    assert math.isclose(total, result["gflop_per_image"], rel_tol=1e-9)
+    assert parts["optimizer"]["gflop_per_image"] == 0 and parts["ema"]["gflop_per_image"] == 0
+    # tiny_cpu's encoder m4_32: 32x32 images, 4x4 patches (64 tokens), width 128, depth 4. Per token and block the
+    # Linear layers do 12 x 128^2 multiply-adds, attention 2 x 64 x 128; the patch conv 48 x 128 per token.
+    # torch's FlopCounterMode has no formula for the CPU attention kernel, so either count is the right one.
+    linear = 4 * 64 * 2 * 12 * 128 ** 2 + 64 * 2 * 48 * 128
+    attention = 4 * 64 * 2 * 2 * 64 * 128
+    assert parts["targets"]["gflop_per_image"] * 1e9 in (linear, linear + attention)
+    for figures in parts.values():
+        assert figures["ms"] > 0
+    assert result["breakdown"]["sum_of_parts_ms"] == pytest.approx(sum(p["ms"] for p in parts.values()))
+    table = _run(capsys, "--config", "tiny_cpu", "--steps", "2", "--warmup", "0", "--no-compile", "--device", "cpu",
+                 "--breakdown")
+    for part in bench.PARTS:
+        assert f"  {part}" in table
+    assert "sum of parts" in table

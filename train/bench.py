@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="mask sets whose FLOPs are counted (their mean per image is used for all steps)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                         help="the device's dense peak for MFU (989 = H100 SXM bf16)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each part of the step alone (target encoder, context encoder forward + "
+                             "backward, predictor + loss forward + backward, optimizer, EMA) with its FLOPs")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -118,6 +121,110 @@ def count_step_flops(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor],
     return total / len(mask_sets)
 
 
+# ------------------------------------------------------------------------------------------- step breakdown
+PARTS = ("targets", "context", "predictor", "optimizer", "ema")
+
+
+def run_part(trainer: Any, part: str, images: torch.Tensor, context_masks: Sequence[torch.Tensor],
+             target_masks: Sequence[torch.Tensor], held: Dict[str, torch.Tensor]) -> None:
+    """One part of trainer.train_step, computed as the step computes it (model.StoPModel.forward cut at its three
+    network calls, then the update). `held` carries what a later part takes from an earlier one for these masks
+    (the targets, the context tokens). Parts, in step order:
+      targets    the target encoder on all tokens, layer norm, gathered at the target blocks (no gradients)
+      context    the context encoder on the kept tokens, forward and backward (gradient of ones at its output)
+      predictor  the predictor and the loss, forward and backward (down to the context tokens, as in the step)
+      optimizer  the optimizer step on the gradients present (grads are not cleared, so it can be repeated)
+      ema        the target encoder's EMA update"""
+    model = trainer.model
+    if part == "targets":
+        with torch.no_grad(), trainer.autocast():
+            held["targets"] = model.compute_targets(images, target_masks, len(context_masks))
+    elif part == "context":
+        with trainer.autocast():
+            context = model.encode_context(images, context_masks)
+        context.backward(torch.ones_like(context))
+        held["context"] = context.detach()
+    elif part == "predictor":
+        context = held["context"].detach().requires_grad_(True)
+        with trainer.autocast():
+            loss = model.loss(model.predict(context, context_masks, target_masks), held["targets"])
+        trainer.scaler.scale(loss).backward()
+    elif part == "optimizer":
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+    elif part == "ema":
+        model.update_target(trainer.schedule.momentum(trainer.iteration))
+    else:
+        raise ValueError(f"unknown step part {part!r}; parts: {', '.join(PARTS)}")
+
+
+def count_part_flops(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor], List[torch.Tensor]]],
+                     images: torch.Tensor, sample: int = 2) -> Dict[str, float]:
+    """Mean model FLOPs per image of each part (run_part), counted eagerly as count_step_flops counts the step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    totals = dict.fromkeys(PARTS, 0.0)
+    for context_masks, target_masks in mask_sets:
+        held: Dict[str, torch.Tensor] = {}
+        trainer.optimizer.zero_grad(set_to_none=True)
+        for part in PARTS:
+            with FlopCounterMode(display=False) as counter:
+                run_part(trainer, part, images[:sample], [m[:sample] for m in context_masks],
+                         [m[:sample] for m in target_masks], held)
+            totals[part] += counter.get_total_flops() / sample
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {part: total / len(mask_sets) for part, total in totals.items()}
+
+
+def time_parts(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor], List[torch.Tensor]]],
+               images: torch.Tensor, iterations: int) -> Dict[str, float]:
+    """Milliseconds per step of each part run alone, `iterations` times over the mask sets (device time between two
+    events on CUDA, wall time on CPU). Gradients are cleared before each backward part, as the step starts
+    without gradients (accumulating into existing ones would add work the step does not do)."""
+    device = trainer.device
+    held = [{} for _ in mask_sets]
+    for (context_masks, target_masks), h in zip(mask_sets, held):  # every input a later part needs, untimed
+        for part in ("targets", "context"):
+            run_part(trainer, part, images, context_masks, target_masks, h)
+    times = {}
+    for part in PARTS:
+        clear = part in ("context", "predictor")
+        if part == "optimizer":  # a whole step's gradients (both backward parts once), stepped on repeatedly
+            trainer.optimizer.zero_grad(set_to_none=True)
+            for backward_part in ("context", "predictor"):
+                run_part(trainer, backward_part, images, *mask_sets[0], held[0])
+        _sync(device)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        start = time.perf_counter()
+        for i in range(iterations):
+            if clear:
+                trainer.optimizer.zero_grad(set_to_none=True)
+            j = i % len(mask_sets)
+            run_part(trainer, part, images, *mask_sets[j], held[j])
+        if device.type == "cuda":
+            end.record()
+            torch.cuda.synchronize(device)
+            elapsed = begin.elapsed_time(end) / 1000.0
+        else:
+            elapsed = time.perf_counter() - start
+        times[part] = 1000 * elapsed / iterations
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return times
+
+
+def _breakdown(times_ms: Dict[str, float], flops: Dict[str, float], batch: int, step_ms: float,
+               peak_tflops: float) -> Dict[str, Any]:
+    parts = {}
+    for part in PARTS:
+        tflops = flops[part] * batch / (times_ms[part] / 1000) / 1e12 if times_ms[part] > 0 else 0.0
+        parts[part] = {"ms": times_ms[part], "gflop_per_image": flops[part] / 1e9, "tflops": tflops,
+                       "mfu": tflops / peak_tflops}
+    total = sum(times_ms.values())
+    return {"parts": parts, "sum_of_parts_ms": total, "step_ms": step_ms}
+
+
 def _peak_memory(device: torch.device) -> Tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max_memory_allocated"
@@ -153,6 +260,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         batch = cfg.data.batch_size
         images, pool = _synthetic_batches(trainer, batch, max(1, args.mask_sets))
         flops_per_image = count_step_flops(trainer, pool[:max(1, args.flop_sets)], images)
+        part_flops = count_part_flops(trainer, pool[:max(1, args.flop_sets)], images) if args.breakdown else None
 
         counter = None
         if use_compile:
@@ -193,6 +301,12 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         memory, memory_kind = _peak_memory(device)
         images_per_second = batch * args.steps / elapsed
         tflops = flops_per_image * images_per_second / 1e12
+        breakdown = None
+        if part_flops is not None:  # after the peak memory, which is the step's; same compiled graphs, same pool
+            compiles = counter.compiles if counter else 0
+            breakdown = _breakdown(time_parts(trainer, pool[:8], images, max(args.steps // 4, 1)), part_flops,
+                                   batch, 1000 * elapsed / args.steps, args.peak_tflops)
+            breakdown["compiles_during"] = (counter.compiles if counter else 0) - compiles
         stats = dynamo_stats() if use_compile else {}
         return {
             "config": str(args.config), "model": cfg.model.name, "predictor_depth": cfg.predictor.depth,
@@ -206,6 +320,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             "peak_memory_gb": memory, "memory_kind": memory_kind, "warmup_s": warmup_s,
             "compiles": counter.compiles if counter else 0, "recompiles": counter.recompiles if counter else 0,
             "graph_breaks": stats.get("graph_breaks", 0), "last_loss": last_loss,
+            **({"breakdown": breakdown} if breakdown is not None else {}),
         }
 
 
@@ -226,6 +341,12 @@ def format_result(result: Dict[str, Any]) -> str:
                                   f"(graph breaks {result['graph_breaks']})"),
         ("last loss", f"{result['last_loss']:.4f}"),
     ]
+    breakdown = result.get("breakdown")
+    if breakdown:
+        for part, figures in breakdown["parts"].items():
+            rows.append((f"  {part}", f"{figures['ms']:.2f} ms, {figures['gflop_per_image']:.2f} GFLOP/image, "
+                                      f"{figures['tflops']:.1f} TFLOP/s (MFU {100 * figures['mfu']:.1f}%)"))
+        rows.append(("  sum of parts", f"{breakdown['sum_of_parts_ms']:.2f} ms (step {breakdown['step_ms']:.2f} ms)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -102,6 +102,11 @@ class StoPModel(nn.Module):
         targets = self.compute_targets(images, target_masks, len(context_masks))
         context = self.encode_context(images, context_masks)
         predictions = self.predict(context, context_masks, target_masks)
+        return self.loss(predictions, targets)
+
+    @staticmethod
+    def loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Smooth-L1 (beta 1) between predicted and target tokens, in fp32."""
         return F.smooth_l1_loss(predictions.float(), targets.float(), beta=1.0)
 
     @torch.no_grad()
