@@ -7,7 +7,9 @@ Stages, most important figures first (a stage whose estimated time no longer fit
 skipped, and a stage still running when the budget ends is stopped and reported as timed out, so the table always
 prints and the JSON keeps every finished stage; --only picks stages for a rerun, e.g. --only l16,h16):
   b16       StoP train step ViT-B/16, batch 128, predictor depth 6, compiled, bf16, 100 timed steps over 50
-            distinct mask batches: images/s, model TFLOP/s, MFU, peak memory, compiles and recompiles
+            distinct mask batches: images/s, model TFLOP/s, MFU, peak memory, compiles and recompiles; then each
+            part of the step alone (bench --breakdown: target encoder, context encoder, predictor + loss,
+            optimizer, EMA) with its time, FLOPs and TFLOP/s, to show which part falls short (l16 and h16 too)
   e2e       the real trainer end to end: `flexpredict-train --config vit_b16 data.decode=gpu run.compile=true`,
             batch 128, on 2,560 synthetic 500x375 JPEGs written on the machine; 200 steps uninterrupted, and the
             same run killed (SIGKILL) after its checkpoint at step 100 and rerun (it resumes): the trainer's own
@@ -60,6 +62,10 @@ STAGE_ESTIMATE_S = {"b16": 60, "e2e": 150, "profile": 40, "equality": 70, "data"
 # significant bits (relative rounding 2^-9 = 0.2%); summed over the step's matmuls and 50 optimizer updates,
 # 2% is a few bf16 rounding steps of the loss, far below the loss's own change over those steps.
 EQUALITY_RTOL = 2e-2
+# Iterations per epoch of the shipped recipes on ImageNet-1k (1,281,167 images at a global batch of 2,048): the
+# equality stage schedules its 50 steps as the first 50 of such a run (learning rate still ~lr_start, EMA ~ema_start).
+# With the benchmark's one-batch epochs the 15 warm-up epochs ended at step 15 and the loss collapsed towards 0.
+RECIPE_ITERATIONS_PER_EPOCH = 625
 
 
 def _bench_args(**kw) -> argparse.Namespace:
@@ -75,10 +81,11 @@ def stage_train(smoke: bool, name: str, h16_ckpt: bool) -> Dict[str, Any]:
     from flexpredict_zoo.train.compile import reset_compiler
     if smoke:
         spec = dict(config="tiny_cpu", batch_size=8, steps=3, warmup=2, mask_sets=4, flop_sets=2,
-                    compile=name == "b16", compile_backend="aot_eager", device="cpu", precision="bf16")
+                    compile=name == "b16", compile_backend="aot_eager", device="cpu", precision="bf16",
+                    breakdown=name == "b16")
         # smoke: only the first train stage goes through the compiled path (Dynamo tracing is slow on 2 cores)
     else:
-        common = dict(compile=True, compile_backend="inductor", device="cuda", precision="bf16")
+        common = dict(compile=True, compile_backend="inductor", device="cuda", precision="bf16", breakdown=True)
         spec = {"b16": dict(config="vit_b16", batch_size=128, steps=100, warmup=10, mask_sets=50, flop_sets=8),
                 "l16": dict(config="vit_l16", batch_size=64, steps=20, warmup=5, mask_sets=20, flop_sets=4),
                 "h16": dict(config="vit_h16", batch_size=64, steps=10, warmup=3, mask_sets=10, flop_sets=2,
@@ -359,7 +366,10 @@ def stage_equality(smoke: bool) -> Dict[str, Any]:
 
     def make(precision: str, run_dir: str) -> Trainer:
         cfg = load_config(config, ["data.dataset=synthetic"])
-        cfg.data.batch_size, cfg.data.dataset, cfg.data.synthetic_size, cfg.data.num_workers = batch, "synthetic", batch, 0
+        cfg.data.batch_size, cfg.data.dataset, cfg.data.num_workers = batch, "synthetic", 0
+        # never read (the batches come from photo_like_batches); sized so that an epoch has the recipe's iterations
+        cfg.data.synthetic_size = batch * RECIPE_ITERATIONS_PER_EPOCH
+        cfg.optim.iterations_per_epoch = RECIPE_ITERATIONS_PER_EPOCH
         cfg.run.output_dir, cfg.run.resume, cfg.run.compile = run_dir, False, False
         cfg.run.precision, cfg.run.device = precision, device
         return Trainer(cfg)
@@ -392,6 +402,7 @@ def stage_equality(smoke: bool) -> Dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true fp32
         torch.backends.cudnn.allow_tf32 = False
         reference = make("fp32", a)
+        lr_first_last = [reference.schedule.lr(0), reference.schedule.lr(steps - 1)]
         masks = [reference.mask_collator.sample(batch) for _ in range(steps)]
         masks = [([m.to(reference.device) for m in c], [m.to(reference.device) for m in t]) for c, t in masks]
         batches = photo_like_batches(reference)
@@ -411,9 +422,23 @@ def stage_equality(smoke: bool) -> Dict[str, Any]:
             "max_abs_diff": max(abs(f - e) for f, e in zip(fast_losses, eager_losses)),
             "max_rel_diff": relative[worst], "worst_step": worst, "rtol": EQUALITY_RTOL,
             "passed": same_init and relative[worst] <= EQUALITY_RTOL and all(map(math.isfinite, fast_losses)),
+            "lr_first_last": lr_first_last, "iterations_per_epoch": RECIPE_ITERATIONS_PER_EPOCH,
             "eager_first_last": [eager_losses[0], eager_losses[-1]], "fast_first_last": [fast_losses[0], fast_losses[-1]],
             "eager_losses": eager_losses, "fast_losses": fast_losses,
             "compiles": counter.compiles}
+
+
+def _breakdown_rows(result: Dict[str, Any]) -> List[List[str]]:
+    """One row per part of the step (bench --breakdown): where the step's time goes and how efficiently."""
+    breakdown = result.get("breakdown")
+    if not breakdown:
+        return []
+    rows = [[f"  {part}", f"{f['ms']:.1f} ms/step, {f['tflops']:.0f} TFLOP/s (MFU {100 * f['mfu']:.0f}%)", "",
+             f"{f['gflop_per_image']:.1f} GFLOP/img, {100 * f['ms'] / breakdown['sum_of_parts_ms']:.0f}% of the parts"]
+            for part, f in breakdown["parts"].items()]
+    rows.append(["  sum of parts", f"{breakdown['sum_of_parts_ms']:.1f} ms (step {breakdown['step_ms']:.1f} ms)", "",
+                 f"compiles during the breakdown: {breakdown['compiles_during']}"])
+    return rows
 
 
 def _row(stage: str, result: Dict[str, Any]) -> List[List[str]]:
@@ -427,7 +452,7 @@ def _row(stage: str, result: Dict[str, Any]) -> List[List[str]]:
                  f"MFU {100 * result['mfu']:.1f}%, {result['peak_memory_gb']:.1f} GiB, "
                  f"{result['gflop_per_image']:.1f} GFLOP/img",
                  target, f"compiles {result['compiles']}, recompiles {result['recompiles']} over "
-                         f"{result['steps']} steps; compile+warm-up {result['warmup_s']:.0f} s"]]
+                         f"{result['steps']} steps; compile+warm-up {result['warmup_s']:.0f} s"]] + _breakdown_rows(result)
     if stage == "data":
         rows = []
         for key, label in (("cpu_path", f"data: {result['workers']}-worker CPU DataLoader"),

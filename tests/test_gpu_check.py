@@ -65,3 +65,21 @@ def test_a_stage_past_the_budget_is_stopped_and_the_json_keeps_the_others(gpu_ch
     assert results["b16"]["error"] == "error: RuntimeError: out of memory"
     assert results["e2e"]["error"].startswith("timed out: StageTimeout") and results["e2e"]["stage_s"] < 5
     assert results["profile"]["skipped"].startswith("skipped:") and "--only profile" in results["profile"]["skipped"]
+
+
+@pytest.mark.slow
+def test_smoke_train_stage_breakdown_and_equality_at_the_recipe_pace(gpu_check, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert gpu_check.main(["--smoke", "--only", "b16,equality", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    breakdown = results["b16"]["breakdown"]
+    assert list(breakdown["parts"]) == ["targets", "context", "predictor", "optimizer", "ema"]
+    assert breakdown["compiles_during"] == 0  # the parts run the step's compiled graphs, nothing new
+    equality = results["equality"]
+    # the 8 smoke steps are the first 8 of a 625-iteration-per-epoch run of tiny_cpu (lr 2e-4 -> 1e-3 over
+    # 0.25 epochs = 156 warm-up steps): still in the warm-up, as in a real run's first steps
+    assert equality["iterations_per_epoch"] == 625
+    assert equality["lr_first_last"] == pytest.approx([2e-4 + (1 / 156) * 8e-4, 2e-4 + (8 / 156) * 8e-4])
+    assert equality["passed"] is True
+    table = capsys.readouterr().out
+    assert "  predictor" in table and "sum of parts" in table and "compiles during the breakdown: 0" in table
