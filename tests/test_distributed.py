@@ -20,7 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, port, out_dir, compile=False):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -45,6 +45,8 @@ def _worker(rank, port, out_dir):
         summary = real_fit(trainer)
         for key, module in trainer.model.networks().items():
             final.update({f"{key}.{n}": t.flatten().tolist() for n, t in module.state_dict().items()})
+        if trainer.compile_counter is not None:
+            final["compiles"] = trainer.compile_counter.compiles
         return summary
 
     run_checkpoint.atomic_save, engine.Trainer.fit = recording_save, fit_and_capture
@@ -55,7 +57,7 @@ def _worker(rank, port, out_dir):
         "data": {"dataset": "synthetic", "batch_size": BATCH, "num_workers": 0},
         "optim": {"epochs": 1, "warmup_epochs": 0.5},
         "run": {"output_dir": os.path.join(out_dir, "run"), "log_every": STEPS, "checkpoint_every": 2,
-                "max_steps": STEPS, "device": "cpu"},
+                "max_steps": STEPS, "device": "cpu", "compile": compile},
     })
     summary = engine.train(cfg, dataset=Recording(32, img_size=32))  # joins the group from the torchrun variables
     state = {}
@@ -118,3 +120,18 @@ def test_sampler_shards_and_skips_for_mid_epoch_resume():
     keys = list(sampler)
     assert [key.index for key in keys] == expected(1, 0) != expected(0, 0)  # a new permutation each epoch
     assert keys[3] == SampleKey(epoch=1, index=expected(1, 0)[3], position=3)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_with_compiled_networks(tmp_path):
+    # run.compile=true under DDP (the cluster launch): the compiled backward graphs still hand every gradient to
+    # DDP's all-reduce (otherwise each rank would step on its own shard's gradients and the weights would part),
+    # and the masks' changing lengths compile one graph per network (3), not one per length
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), True), nprocs=WORLD, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == STEPS
+    assert len(set(ranks[0]["losses"])) == STEPS  # training moved
+    assert ranks[0]["final"].keys() == ranks[1]["final"].keys() and len(ranks[0]["final"]) > 10
+    for name, value in ranks[0]["final"].items():
+        assert ranks[1]["final"][name] == value, name
+    assert ranks[0]["final"]["compiles"] == 3
