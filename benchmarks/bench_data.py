@@ -106,7 +106,39 @@ def bench_gpu_path(root: Path, workers: int, batch_size: int, batches: int, devi
         return decode_and_augment(data, paths, context_masks, target_masks, augment, device,
                                   seed=derive_seed(0, 0, iteration, "gpu-augment"))[0]  # the trainer's seed, rank 0
 
-    return _timed(_cycle(loader, decode), batches, device)
+    result = _timed(_cycle(loader, decode), batches, device)
+    result["split"] = _gpu_path_split(loader, augment, device, min(batches, 8))
+    return result
+
+
+def _gpu_path_split(loader, augment, device: torch.device, batches: int) -> Dict[str, float]:
+    """images/s of each piece of the GPU path alone, to show which one limits it: the DataLoader delivering file
+    bytes and masks (workers), the decode of those bytes (nvJPEG on CUDA), and the augmentation of decoded images;
+    decode and augment run on batches already in memory, back to back, with one device sync at the end."""
+    from flexpredict_zoo.train.gpu_data import decode_images
+
+    def rate(count: int, start: float) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return count / (time.perf_counter() - start)
+
+    held, count = [], 0
+    stream = _cycle(loader, lambda batch: (batch[0][0], batch[0][2]))  # (file bytes, paths)
+    next(stream)  # worker start-up, untimed
+    start = time.perf_counter()
+    for _ in range(batches):
+        data, paths = next(stream)
+        held.append((data, paths))
+        count += len(data)
+    split = {"loader_bytes": count / (time.perf_counter() - start)}
+    start = time.perf_counter()
+    decoded = [decode_images(data, device, names=paths)[0] for data, paths in held]
+    split["decode"] = rate(count, start)
+    start = time.perf_counter()
+    for i, images in enumerate(decoded):
+        augment(images, seed=i)
+    split["augment"] = rate(sum(map(len, decoded)), start)
+    return split
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:

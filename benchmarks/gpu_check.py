@@ -458,8 +458,10 @@ def _row(stage: str, result: Dict[str, Any]) -> List[List[str]]:
         for key, label in (("cpu_path", f"data: {result['workers']}-worker CPU DataLoader"),
                            ("gpu_path", "data: GPU decode + augment")):
             if key in result:
+                split = result[key].get("split")
                 rows.append([label, f"{result[key]['images_per_second']:,.0f} img/s", ">= B/16 step rate",
-                             f"batch {result['batch_size']}, JPEGs {result.get('jpeg_kb', 0):.0f} KB"])
+                             f"batch {result['batch_size']}, JPEGs {result.get('jpeg_kb', 0):.0f} KB" +
+                             (" ; alone: " + ", ".join(f"{k} {v:,.0f}" for k, v in split.items()) if split else "")])
         return rows
     if stage == "features":
         rows = []

@@ -83,3 +83,12 @@ def test_smoke_train_stage_breakdown_and_equality_at_the_recipe_pace(gpu_check, 
     assert equality["passed"] is True
     table = capsys.readouterr().out
     assert "  predictor" in table and "sum of parts" in table and "compiles during the breakdown: 0" in table
+
+
+def test_smoke_data_stage_splits_the_gpu_path(gpu_check, tmp_path):
+    out = tmp_path / "results.json"
+    assert gpu_check.main(["--smoke", "--only", "data", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())["results"]["data"]
+    assert data["cpu_path"]["images_per_second"] > 0 and data["gpu_path"]["images_per_second"] > 0
+    split = data["gpu_path"]["split"]  # each piece of the GPU path alone: which one limits it
+    assert list(split) == ["loader_bytes", "decode", "augment"] and all(v > 0 for v in split.values())
