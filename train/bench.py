@@ -2,6 +2,7 @@
 
     flexpredict-train bench --config vit_b16 --batch-size 128 --steps 50            # GPU: compiled, bf16
     flexpredict-train bench --config tiny_cpu --steps 3 --no-compile --json         # CPU smoke run
+    flexpredict-train bench --config vit_b16 --batch-size 128 --breakdown            # + each part of the step alone
 
 The step is engine.Trainer.train_step on its model.StoPModel (the code that trains), built on a synthetic dataset
 in a throwaway run folder; compilation and FLOP counting go through the StoPModel. With `--data synthetic` the images are random tensors already
