@@ -300,6 +300,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             elapsed = time.perf_counter() - start
         last_loss = float(torch.stack(losses).float()[-1]) if losses else float("nan")
         memory, memory_kind = _peak_memory(device)
+        reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
         images_per_second = batch * args.steps / elapsed
         tflops = flops_per_image * images_per_second / 1e12
         breakdown = None
@@ -319,6 +320,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             "gflop_per_image": flops_per_image / 1e9, "model_tflops": tflops,
             "mfu": tflops / args.peak_tflops, "peak_tflops": args.peak_tflops,
             "peak_memory_gb": memory, "memory_kind": memory_kind, "warmup_s": warmup_s,
+            "peak_memory_reserved_gb": reserved,  # what the caching allocator held: what must fit on the card
             "compiles": counter.compiles if counter else 0, "recompiles": counter.recompiles if counter else 0,
             "graph_breaks": stats.get("graph_breaks", 0), "last_loss": last_loss,
             **({"breakdown": breakdown} if breakdown is not None else {}),
@@ -337,7 +339,8 @@ def format_result(result: Dict[str, Any]) -> str:
         ("model FLOPs", f"{result['gflop_per_image']:.2f} GFLOP/image"),
         ("model TFLOP/s", f"{result['model_tflops']:.3f}"),
         ("MFU", f"{100 * result['mfu']:.2f}% of {result['peak_tflops']:g} TFLOP/s"),
-        ("peak memory", f"{result['peak_memory_gb']:.2f} GiB ({result['memory_kind']})"),
+        ("peak memory", f"{result['peak_memory_gb']:.2f} GiB ({result['memory_kind']})" +
+         (f", {result['peak_memory_reserved_gb']:.2f} GiB reserved" if result.get("peak_memory_reserved_gb") else "")),
         ("compiles / recompiles", f"{result['compiles']} / {result['recompiles']} "
                                   f"(graph breaks {result['graph_breaks']})"),
         ("last loss", f"{result['last_loss']:.4f}"),
