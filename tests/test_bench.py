@@ -84,3 +84,17 @@ def test_bench_breakdown_parts_add_up_to_the_step(capsys):
     for part in bench.PARTS:
         assert f"  {part}" in table
     assert "sum of parts" in table
+
+
+def test_bench_breakdown_counts_no_recompute_under_activation_checkpointing(capsys):
+    # model FLOPs count no recompute: with activation checkpointing on, the parts still sum to the step's FLOPs
+    # and equal those counted without checkpointing
+    common = ["--config", "tiny_cpu", "--steps", "1", "--warmup", "0", "--no-compile", "--device", "cpu",
+              "--breakdown", "--json"]
+    plain = json.loads(_run(capsys, *common))
+    checkpointed = json.loads(_run(capsys, *common, "--grad-checkpointing"))
+    assert checkpointed["grad_checkpointing"] is True
+    for part, figures in checkpointed["breakdown"]["parts"].items():
+        assert figures["gflop_per_image"] == plain["breakdown"]["parts"][part]["gflop_per_image"], part
+    total = sum(p["gflop_per_image"] for p in checkpointed["breakdown"]["parts"].values())
+    assert math.isclose(total, checkpointed["gflop_per_image"], rel_tol=1e-9)

@@ -106,20 +106,27 @@ def count_step_flops(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor],
     scale exactly with the batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    networks = trainer.model.networks().values()
-    checkpointing = [network.grad_checkpointing for network in networks]
-    trainer.model.set_grad_checkpointing(False)
     total = 0.0
-    try:
+    with _no_recompute(trainer):
         for context_masks, target_masks in mask_sets:
             with FlopCounterMode(display=False) as counter:
                 trainer.train_step(images[:sample], [m[:sample] for m in context_masks],
                                    [m[:sample] for m in target_masks], trainer.iteration)
             total += counter.get_total_flops() / sample
+    return total / len(mask_sets)
+
+
+@contextlib.contextmanager
+def _no_recompute(trainer: Any):
+    """Activation checkpointing off while FLOPs are counted (model FLOPs count no recompute), restored after."""
+    networks = trainer.model.networks().values()
+    checkpointing = [network.grad_checkpointing for network in networks]
+    trainer.model.set_grad_checkpointing(False)
+    try:
+        yield
     finally:
         for network, enabled in zip(networks, checkpointing):
             network.set_grad_checkpointing(enabled)
-    return total / len(mask_sets)
 
 
 # ------------------------------------------------------------------------------------------- step breakdown
@@ -165,14 +172,15 @@ def count_part_flops(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor],
     from torch.utils.flop_counter import FlopCounterMode
 
     totals = dict.fromkeys(PARTS, 0.0)
-    for context_masks, target_masks in mask_sets:
-        held: Dict[str, torch.Tensor] = {}
-        trainer.optimizer.zero_grad(set_to_none=True)
-        for part in PARTS:
-            with FlopCounterMode(display=False) as counter:
-                run_part(trainer, part, images[:sample], [m[:sample] for m in context_masks],
-                         [m[:sample] for m in target_masks], held)
-            totals[part] += counter.get_total_flops() / sample
+    with _no_recompute(trainer):
+        for context_masks, target_masks in mask_sets:
+            held: Dict[str, torch.Tensor] = {}
+            trainer.optimizer.zero_grad(set_to_none=True)
+            for part in PARTS:
+                with FlopCounterMode(display=False) as counter:
+                    run_part(trainer, part, images[:sample], [m[:sample] for m in context_masks],
+                             [m[:sample] for m in target_masks], held)
+                totals[part] += counter.get_total_flops() / sample
     trainer.optimizer.zero_grad(set_to_none=True)
     return {part: total / len(mask_sets) for part, total in totals.items()}
 
