@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh --json results.json   # GPU; the JSON is rewritten after every stage
 #   bash benchmarks/gpu_check.sh --smoke                # CPU, tiny configs: checks that the script works
 # Extra arguments go to benchmarks/gpu_check.py (--only e2e,profile  --budget-s 470  --h16-grad-checkpointing).
-# Stages, most important first: b16, e2e, profile, equality, data, features, l16, h16, features_compiled.
+# Stages, most important first: b16, e2e, profile, equality, data, features, l16, h16, b16_cudagraphs,
+# features_compiled.
 # Works from an install or a bare checkout; no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,6 @@
 """torch.compile helpers: compile counts stay bounded while kept-token counts change, outputs equal eager."""
 import copy
+import math
 
 import pytest
 import timm
@@ -117,3 +118,42 @@ def test_compile_model_one_graph_per_network_and_no_recompiles_over_a_training_r
     assert all((g is None) == (h is None) for g, h in grads)  # only the official, unused mask_token has none
     assert sum(g is not None for g, _ in grads) == len(grads) - 1 > 10
     assert all(torch.allclose(g, h, atol=1e-5) for g, h in grads if g is not None)
+
+
+def test_compile_modes_and_their_cuda_graphs():
+    from flexpredict_zoo.train.config import COMPILE_MODES
+    assert set(COMPILE_MODES) == {"default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
+    assert [CompileCounter(mode=m).cudagraphs for m in (None, "default", "max-autotune-no-cudagraphs")] == [False] * 3
+    assert CompileCounter(mode="reduce-overhead").cudagraphs and CompileCounter(mode="max-autotune").cudagraphs
+    assert not CompileCounter("aot_eager", mode="reduce-overhead").cudagraphs  # only Inductor makes CUDA graphs
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["run.compile=true", "run.compile_mode=fast"], "'run.compile_mode' must be null or one of default, reduce-overhead"),
+    (["run.compile_mode=reduce-overhead"], "set run.compile=true as well"),
+])
+def test_compile_mode_config_errors(overrides, message):
+    from flexpredict_zoo.train.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_cpu", overrides)
+
+
+@pytest.mark.slow
+def test_trainer_with_a_cuda_graph_mode_marks_every_step(tmp_path, monkeypatch):
+    # run.compile_mode=reduce-overhead through the trainer (Inductor; on CPU it compiles without CUDA graphs): each
+    # train step tells the CUDA-graph trees that a new step begins, so a graph output of the previous step is not
+    # read after the next replay overwrote it
+    from conftest import TINY_TRAIN_OVERRIDES
+    from flexpredict_zoo.train.config import load_config
+    from flexpredict_zoo.train.engine import Trainer
+    marks = []
+    real = torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: (marks.append(1), real())[1])
+    reset_compiler()
+    cfg = load_config("tiny_cpu", TINY_TRAIN_OVERRIDES + [f"run.output_dir={tmp_path}", "run.max_steps=3",
+                                                          "run.compile=true", "run.compile_mode=reduce-overhead"])
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert summary["iterations"] == 3 and len(marks) == 3
+    assert trainer.compile_counter.mode == "reduce-overhead" and trainer.compile_counter.compiles == 3
+    assert all(math.isfinite(loss) for loss in summary["losses"])

@@ -68,10 +68,11 @@ def test_a_stage_past_the_budget_is_stopped_and_the_json_keeps_the_others(gpu_ch
 
 
 @pytest.mark.slow
-def test_smoke_train_stage_breakdown_and_equality_at_the_recipe_pace(gpu_check, tmp_path, capsys):
+def test_smoke_train_stages_breakdown_compile_mode_and_equality_at_the_recipe_pace(gpu_check, tmp_path, capsys):
     out = tmp_path / "results.json"
-    assert gpu_check.main(["--smoke", "--only", "b16,equality", "--json", str(out)]) == 0
+    assert gpu_check.main(["--smoke", "--only", "b16,equality,b16_cudagraphs", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
+    assert results["b16_cudagraphs"]["compile_mode"] == "reduce-overhead" and results["b16_cudagraphs"]["compiles"] == 3
     breakdown = results["b16"]["breakdown"]
     assert list(breakdown["parts"]) == ["targets", "context", "predictor", "optimizer", "ema"]
     assert breakdown["compiles_during"] == 0  # the parts run the step's compiled graphs, nothing new

@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .config import COMPILE_MODES
+
 H100_BF16_DENSE_TFLOPS = 989.0
 
 __all__ = ["add_arguments", "run", "benchmark", "count_step_flops", "format_result"]
@@ -48,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="torch.compile the encoders and predictor (default: on for CUDA, off for CPU)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="Dynamo backend (inductor; aot_eager for a quick CPU check of the compiled path)")
+    parser.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                        help="torch.compile mode (default: the config's run.compile_mode, else Inductor's default); "
+                             "with CUDA graphs (reduce-overhead, max-autotune) give --warmup >= --mask-sets, so that "
+                             "every mask length pair is recorded before the timing")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on GPUs that have it, fp32 on CPU) | bf16 | fp16 | fp32")
     parser.add_argument("--grad-checkpointing", action="store_true",
@@ -272,9 +278,11 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         part_flops = count_part_flops(trainer, pool[:max(1, args.flop_sets)], images) if args.breakdown else None
 
         counter = None
+        compile_mode = args.compile_mode or cfg.run.compile_mode
         if use_compile:
             reset_compiler()
-            counter = compile_model(trainer.model, CompileCounter(args.compile_backend))
+            counter = compile_model(trainer.model, CompileCounter(args.compile_backend, mode=compile_mode))
+            trainer.compile_counter = counter  # train_step marks each step for CUDA graphs through it
         source = None if args.data == "synthetic" else _folder_batches(trainer, args)
 
         def step(i: int):
@@ -322,6 +330,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             "config": str(args.config), "model": cfg.model.name, "predictor_depth": cfg.predictor.depth,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "precision": trainer.precision, "compile": bool(use_compile),
+            "compile_mode": compile_mode if use_compile else None,
             "grad_checkpointing": bool(args.grad_checkpointing), "data": args.data if args.data == "synthetic"
             else f"folder ({args.decode} decode)", "batch_size": batch, "steps": args.steps, "warmup": args.warmup,
             "images_per_second": images_per_second, "step_ms": 1000 * elapsed / args.steps,
@@ -339,6 +348,7 @@ def format_result(result: Dict[str, Any]) -> str:
     rows = [
         ("model", f"{result['model']} (predictor depth {result['predictor_depth']})"),
         ("device", f"{result['device']}, {result['precision']}, compile {'on' if result['compile'] else 'off'}"
+                   f"{' (' + result['compile_mode'] + ')' if result.get('compile_mode') else ''}"
                    f"{', activation checkpointing' if result['grad_checkpointing'] else ''}"),
         ("data", result["data"]),
         ("batch / steps", f"{result['batch_size']} / {result['steps']} (after {result['warmup']} warm-up, "

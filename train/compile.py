@@ -38,6 +38,15 @@ class CompileCounter:
         self.shapes: list = []
 
     @property
+    def cudagraphs(self) -> bool:
+        """Whether the compiled graphs are run as CUDA graphs (modes reduce-overhead and max-autotune)."""
+        if self.backend != "inductor":
+            return False
+        from torch._inductor import list_mode_options
+        options = dict(list_mode_options(self.mode) if self.mode else {}, **self.options)
+        return bool(options.get("triton.cudagraphs", False))
+
+    @property
     def recompiles(self) -> int:
         return 0 if self.warm_at is None else self.compiles - self.warm_at
 

@@ -114,7 +114,15 @@ class RunConfig:
     resume: Union[bool, str] = "auto"  # "auto": continue from checkpoints/latest.pt when present; or a path
     init_from: Optional[str] = None  # official StoP checkpoint to start from
     compile: bool = False
+    # torch.compile mode with run.compile (null: Inductor's default). max-autotune-no-cudagraphs tunes the matmul and
+    # reduction kernels (compiles longer); reduce-overhead and max-autotune add CUDA graphs, recorded once per
+    # distinct (context, target) mask length pair (54 in 200 batches of 128, B/16 masks): no launch overhead
+    compile_mode: Optional[str] = None
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+
+# torch.compile's modes (torch._inductor.list_mode_options)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -362,6 +370,10 @@ def validate(cfg: TrainConfig) -> None:
     _check(o.clip_grad is None or o.clip_grad > 0, "config key 'optim.clip_grad' must be > 0 or null")
     _check(o.fused in (True, False, "auto"), f"config key 'optim.fused' must be true, false or auto, got {o.fused!r}")
     _choice("run.precision", r.precision, ("auto", "bf16", "fp16", "fp32"))
+    _check(r.compile_mode is None or r.compile_mode in COMPILE_MODES,
+           f"config key 'run.compile_mode' must be null or one of {', '.join(COMPILE_MODES)}, got {r.compile_mode!r}")
+    _check(r.compile_mode is None or r.compile, f"run.compile_mode={r.compile_mode} applies to compiled networks; "
+                                                 f"set run.compile=true as well (or leave run.compile_mode null)")
     _choice("run.device", r.device.split(":")[0], ("auto", "cpu", "cuda"))
     _check(r.log_every >= 1 and r.checkpoint_every >= 1, "config keys 'run.log_every' and 'run.checkpoint_every' must be >= 1")
     _check(r.keep_every is None or r.keep_every >= 1, "config key 'run.keep_every' must be >= 1 or null")

@@ -117,8 +117,8 @@ class Trainer:
         self.ddp_model = dist_utils.wrap_ddp(self.model, self.env)  # the model itself on one process
         self.compile_counter = None
         if cfg.run.compile:
-            from .compile import compile_model  # token dims dynamic: one graph per network for every mask length
-            self.compile_counter = compile_model(self.model)
+            from .compile import CompileCounter, compile_model  # token dims dynamic: one graph per network
+            self.compile_counter = compile_model(self.model, CompileCounter(mode=cfg.run.compile_mode))
 
         # data.decode=gpu: the dataset yields file bytes; the device decodes and augments them in batches()
         self.gpu_augment = GpuAugment.from_data_config(cfg.data, cfg.model.img_size) \
@@ -243,6 +243,8 @@ class Trainer:
     def train_step(self, images: torch.Tensor, context_masks: Sequence[torch.Tensor],
                    target_masks: Sequence[torch.Tensor], iteration: int) -> torch.Tensor:
         """One update with the hyperparameters of `iteration`; returns the loss as a detached device tensor."""
+        if self.compile_counter is not None and self.compile_counter.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous step's graph outputs are done with
         set_hyperparameters(self.optimizer, self.schedule.lr(iteration), self.schedule.weight_decay(iteration))
         with self.autocast():
             loss = self.ddp_model(images, context_masks, target_masks)
