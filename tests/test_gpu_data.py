@@ -338,6 +338,19 @@ def test_gpu_decode_without_cuda_is_a_clear_error(tmp_path, monkeypatch, capsys)
     assert code == 2 and "error: data.decode=gpu decodes and augments on a CUDA GPU" in err and "Traceback" not in err
 
 
+def test_gpu_decode_with_a_torchvision_without_jpeg_decoder_is_a_clear_error(tmp_path, monkeypatch):
+    # torchvision 0.29 deprecated its image decoders (for TorchCodec's): a release without decode_jpeg is refused
+    # before anything is built, with what to do
+    import torchvision.io
+    monkeypatch.setenv(DECODE_ON_CPU_ENV, "1")
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    root = _training_folder(tmp_path / "images", good=4)
+    with pytest.raises(ConfigError, match=r"torchvision.io.decode_jpeg \(nvJPEG\), which torchvision \S+ does not "
+                                          r"have .* or use data.decode=cpu"):
+        Trainer(_folder_cfg(tmp_path / "run", root, "gpu"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_decode_config_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="'data.decode' must be one of 'cpu', 'gpu', got 'nvjpeg'"):
         _folder_cfg(tmp_path, tmp_path, "nvjpeg")

@@ -55,13 +55,22 @@ DECODE_ON_CPU_ENV = "FLEXPREDICT_TEST_DECODE_ON_CPU"
 
 
 def check_decode_device(decode: str, device: torch.device) -> None:
-    """Refuse data.decode=gpu on a device that is not CUDA (unless a test set DECODE_ON_CPU_ENV=1)."""
-    if decode != "gpu" or torch.device(device).type == "cuda" or os.environ.get(DECODE_ON_CPU_ENV) == "1":
+    """Refuse data.decode=gpu on a device that is not CUDA (unless a test set DECODE_ON_CPU_ENV=1), or with a
+    torchvision that has no JPEG decoder (torchvision 0.29 deprecated its image decoders for TorchCodec's)."""
+    if decode != "gpu":
         return
     from .config import ConfigError
-    raise ConfigError(f"data.decode=gpu decodes and augments on a CUDA GPU (nvJPEG), but this run's device is "
-                      f"{device}{'' if torch.cuda.is_available() else ' (no CUDA device found)'}; use "
-                      f"data.decode=cpu (DataLoader workers decode and augment), or run on a CUDA machine")
+    if torch.device(device).type != "cuda" and os.environ.get(DECODE_ON_CPU_ENV) != "1":
+        raise ConfigError(f"data.decode=gpu decodes and augments on a CUDA GPU (nvJPEG), but this run's device is "
+                          f"{device}{'' if torch.cuda.is_available() else ' (no CUDA device found)'}; use "
+                          f"data.decode=cpu (DataLoader workers decode and augment), or run on a CUDA machine")
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        import torchvision
+        raise ConfigError(f"data.decode=gpu decodes with torchvision.io.decode_jpeg (nvJPEG), which torchvision "
+                          f"{torchvision.__version__} does not have (its image decoders are deprecated since 0.29); "
+                          f"install a torchvision that has it, or use data.decode=cpu") from None
 
 
 # ------------------------------------------------------------------------------------------------ worker side
