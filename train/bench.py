@@ -105,6 +105,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Timer:
+    """`seconds` between entering and leaving: on a GPU the device time between two CUDA events (what was queued in
+    between, waited for on leaving), on the CPU wall time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: Optional[float] = None
+
+    def __enter__(self) -> "_Timer":
+        if self.device.type == "cuda":
+            self._events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._events[0].record()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self._events[1].record()
+            torch.cuda.synchronize(self.device)
+            self.seconds = self._events[0].elapsed_time(self._events[1]) / 1000.0
+        else:
+            self.seconds = time.perf_counter() - self._start
+
+
 def count_step_flops(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor], List[torch.Tensor]]],
                      images: torch.Tensor, sample: int = 2) -> float:
     """Mean model FLOPs per image of one train step (forward + backward of every network, no recompute), counted
@@ -209,22 +233,13 @@ def time_parts(trainer: Any, mask_sets: Sequence[Tuple[List[torch.Tensor], List[
             for backward_part in ("context", "predictor"):
                 run_part(trainer, backward_part, images, *mask_sets[0], held[0])
         _sync(device)
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-        start = time.perf_counter()
-        for i in range(iterations):
-            if clear:
-                trainer.optimizer.zero_grad(set_to_none=True)
-            j = i % len(mask_sets)
-            run_part(trainer, part, images, *mask_sets[j], held[j])
-        if device.type == "cuda":
-            end.record()
-            torch.cuda.synchronize(device)
-            elapsed = begin.elapsed_time(end) / 1000.0
-        else:
-            elapsed = time.perf_counter() - start
-        times[part] = 1000 * elapsed / iterations
+        with _Timer(device) as timer:
+            for i in range(iterations):
+                if clear:
+                    trainer.optimizer.zero_grad(set_to_none=True)
+                j = i % len(mask_sets)
+                run_part(trainer, part, images, *mask_sets[j], held[j])
+        times[part] = 1000 * timer.seconds / iterations
     trainer.optimizer.zero_grad(set_to_none=True)
     return times
 
@@ -302,18 +317,10 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         if counter is not None:
             counter.mark_warm()
         losses = []
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-        start = time.perf_counter()
-        for i in range(args.warmup, args.warmup + args.steps):
-            losses.append(step(i))
-        if device.type == "cuda":
-            end.record()
-            torch.cuda.synchronize(device)
-            elapsed = begin.elapsed_time(end) / 1000.0
-        else:
-            elapsed = time.perf_counter() - start
+        with _Timer(device) as timer:
+            for i in range(args.warmup, args.warmup + args.steps):
+                losses.append(step(i))
+        elapsed = timer.seconds
         last_loss = float(torch.stack(losses).float()[-1]) if losses else float("nan")
         memory, memory_kind = _peak_memory(device)
         reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None

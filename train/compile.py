@@ -13,6 +13,7 @@ Only public-ish, long-standing hooks are used (`torch._dynamo.lookup_backend`, `
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
@@ -37,9 +38,10 @@ class CompileCounter:
         self.warm_at: Optional[int] = None
         self.shapes: list = []
 
-    @property
+    @functools.cached_property
     def cudagraphs(self) -> bool:
-        """Whether the compiled graphs are run as CUDA graphs (modes reduce-overhead and max-autotune)."""
+        """Whether the compiled graphs are run as CUDA graphs (modes reduce-overhead and max-autotune); read by
+        every train step, so worked out once."""
         if self.backend != "inductor":
             return False
         from torch._inductor import list_mode_options
