@@ -205,6 +205,25 @@ def test_loader_drops_unreadable_keeps_mask_rows(folder):
     assert torch.equal(context_masks[0], full[0][0][rows]) and torch.equal(target_masks[1], full[1][1][rows])
 
 
+def test_file_bytes_cross_from_workers_packed_in_one_tensor(tmp_path):
+    # a batch of file bytes leaves a DataLoader worker as one uint8 buffer and its lengths (not a tensor per file,
+    # which made the main process receive one shared-memory file per image); unpacked, each file's bytes are exact
+    from torch.utils.data import DataLoader
+    from flexpredict_zoo.train.gpu_data import PackedBytes
+    root = _training_folder(tmp_path / "images", good=9)
+    ds = JpegBytesDataset(root)
+    readable = [i for i in range(len(ds)) if not isinstance(ds[i], UnreadableImage)]
+    loader = DataLoader(torch.utils.data.Subset(ds, readable), batch_size=4, num_workers=2,
+                        collate_fn=collate_jpeg_bytes)
+    seen = 0
+    for packed, labels, paths in loader:
+        assert isinstance(packed, PackedBytes) and packed.buffer.dtype == torch.uint8 and len(packed) == len(paths)
+        assert [bytes(t.numpy()) for t in packed.unpack()] == [Path(p).read_bytes() for p in paths]
+        seen += len(paths)
+    assert seen == len(readable) >= 9
+    assert PackedBytes([]).unpack() == [] and len(PackedBytes([])) == 0
+
+
 def test_collate_of_an_unreadable_batch_and_colour_jitter_refused():
     collate = CollateWithUnreadable(_FakeMasks(), batch_size=1, iterations_per_epoch=1, collate=collate_jpeg_bytes)
     data, context, targets, bad, iteration = collate([(SampleKey(0, 0, 0), UnreadableImage("a.jpg", "x"))])

@@ -140,7 +140,7 @@ class CollateWithUnreadable:
 
     Returns (collated samples, context_masks, target_masks, [(path, error)], iteration); the first three are None
     when no sample of the batch was readable. `collate` puts the readable samples together (default_collate; the
-    GPU decode path keeps file bytes of different lengths as a list, gpu_data.collate_jpeg_bytes)."""
+    GPU decode path packs file bytes of different lengths into one tensor, gpu_data.collate_jpeg_bytes)."""
 
     def __init__(self, mask_collator: Any, batch_size: int, iterations_per_epoch: int,
                  collate: Callable[[List[Any]], Any] = default_collate):
