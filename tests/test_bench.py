@@ -98,3 +98,20 @@ def test_bench_breakdown_counts_no_recompute_under_activation_checkpointing(caps
         assert figures["gflop_per_image"] == plain["breakdown"]["parts"][part]["gflop_per_image"], part
     total = sum(p["gflop_per_image"] for p in checkpointed["breakdown"]["parts"].values())
     assert math.isclose(total, checkpointed["gflop_per_image"], rel_tol=1e-9)
+
+
+def test_bench_flops_only_counts_without_timing(capsys):
+    # --flops-only: the step's and the parts' FLOPs and the masks' token counts, nothing compiled or timed; the same
+    # FLOPs as a timed run on the same masks
+    common = ["--config", "tiny_cpu", "--no-compile", "--device", "cpu", "--breakdown", "--mask-sets", "6",
+              "--flop-sets", "3", "--json"]
+    counted = json.loads(_run(capsys, *common, "--flops-only"))
+    timed = json.loads(_run(capsys, *common, "--steps", "1", "--warmup", "0"))
+    assert "images_per_second" not in counted and counted["flop_sets"] == 3
+    assert counted["gflop_per_image"] == timed["gflop_per_image"]
+    assert counted["part_gflop_per_image"] == {p: f["gflop_per_image"] for p, f in timed["breakdown"]["parts"].items()}
+    tokens = counted["mask_tokens"]
+    assert tokens["batches"] == 6 and 1 <= tokens["distinct_pairs"] <= 6
+    assert tokens["context"][0] <= tokens["context"][1] <= tokens["context"][2] <= 64  # tiny_cpu: 8x8 patches
+    table = _run(capsys, *common[:-1], "--flops-only")
+    assert "model FLOPs" in table and "distinct pairs in 6 batches" in table and "images/s" not in table

@@ -3,6 +3,7 @@
     flexpredict-train bench --config vit_b16 --batch-size 128 --steps 50            # GPU: compiled, bf16
     flexpredict-train bench --config tiny_cpu --steps 3 --no-compile --json         # CPU smoke run
     flexpredict-train bench --config vit_b16 --batch-size 128 --breakdown            # + each part of the step alone
+    flexpredict-train bench --config vit_b16 --batch-size 128 --device cpu --flops-only --breakdown  # FLOPs, no GPU
 
 The step is engine.Trainer.train_step on its model.StoPModel (the code that trains), built on a synthetic dataset
 in a throwaway run folder; compilation and FLOP counting go through the StoPModel. With `--data synthetic` the images are random tensors already
@@ -66,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each part of the step alone (target encoder, context encoder forward + "
                              "backward, predictor + loss forward + backward, optimizer, EMA) with its FLOPs")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count the step's FLOPs (and each part's with --breakdown) and the masks' token counts, "
+                             "without compiling or timing: cheap on a CPU at the recipe's batch size")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -255,6 +259,16 @@ def _breakdown(times_ms: Dict[str, float], flops: Dict[str, float], batch: int, 
     return {"parts": parts, "sum_of_parts_ms": total, "step_ms": step_ms}
 
 
+def mask_token_counts(mask_sets: Sequence[Tuple[List[torch.Tensor], List[torch.Tensor]]]) -> Dict[str, Any]:
+    """Kept context tokens and target-block tokens per batch over the mask sets (min, mean, max), and how many
+    distinct (context, target) length pairs they hold (the shapes a compiled step meets)."""
+    context = [masks[0].shape[1] for masks, _ in mask_sets]
+    target = [masks[0].shape[1] for _, masks in mask_sets]
+    summary = lambda values: [min(values), sum(values) / len(values), max(values)]
+    return {"batches": len(mask_sets), "context": summary(context), "target": summary(target),
+            "distinct_pairs": len(set(zip(context, target)))}
+
+
 def _peak_memory(device: torch.device) -> Tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max_memory_allocated"
@@ -291,6 +305,11 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         images, pool = _synthetic_batches(trainer, batch, max(1, args.mask_sets))
         flops_per_image = count_step_flops(trainer, pool[:max(1, args.flop_sets)], images)
         part_flops = count_part_flops(trainer, pool[:max(1, args.flop_sets)], images) if args.breakdown else None
+        if args.flops_only:
+            return {"config": str(args.config), "model": cfg.model.name, "predictor_depth": cfg.predictor.depth,
+                    "batch_size": batch, "gflop_per_image": flops_per_image / 1e9, "flop_sets": min(len(pool),
+                    max(1, args.flop_sets)), "mask_tokens": mask_token_counts(pool),
+                    **({"part_gflop_per_image": {k: v / 1e9 for k, v in part_flops.items()}} if part_flops else {})}
 
         counter = None
         compile_mode = args.compile_mode or cfg.run.compile_mode
@@ -352,6 +371,17 @@ def benchmark(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def format_result(result: Dict[str, Any]) -> str:
+    if "images_per_second" not in result:  # --flops-only
+        tokens = result["mask_tokens"]
+        rows = [("model", f"{result['model']} (predictor depth {result['predictor_depth']}), batch {result['batch_size']}"),
+                ("model FLOPs", f"{result['gflop_per_image']:.2f} GFLOP/image (mean over {result['flop_sets']} mask sets)")]
+        for part, gflop in result.get("part_gflop_per_image", {}).items():
+            rows.append((f"  {part}", f"{gflop:.2f} GFLOP/image ({100 * gflop / result['gflop_per_image']:.0f}%)"))
+        rows.append(("mask tokens", f"context {tokens['context'][0]}-{tokens['context'][2]} (mean "
+                                    f"{tokens['context'][1]:.1f}), targets {tokens['target'][0]}-{tokens['target'][2]}"
+                                    f"; {tokens['distinct_pairs']} distinct pairs in {tokens['batches']} batches"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
     rows = [
         ("model", f"{result['model']} (predictor depth {result['predictor_depth']})"),
         ("device", f"{result['device']}, {result['precision']}, compile {'on' if result['compile'] else 'off'}"
