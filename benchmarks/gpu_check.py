@@ -56,6 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STAGES = ("b16", "e2e", "profile", "equality", "data", "features", "l16", "h16", "b16_cudagraphs", "features_compiled")
+TRAIN_STAGES = ("b16", "l16", "h16", "b16_cudagraphs")  # bench of the train step (stage_train)
 # Seconds each stage takes on one H200 (torch 2.11), from the first full runs there (b16's compile + warm-up 48 s,
 # l16's 92 s) and, for e2e and profile, estimated from those (e2e: three trainer processes, each ~30 s of start and
 # compilation with the Inductor cache warm from b16, two 1.5 GB checkpoint saves, 400 steps in all).
@@ -94,9 +95,9 @@ def stage_train(smoke: bool, name: str, h16_ckpt: bool) -> Dict[str, Any]:
                     breakdown=name == "b16", compile_mode="reduce-overhead" if name == "b16_cudagraphs" else None)
         # smoke: only the b16 stages go through the compiled path (Dynamo tracing is slow on 2 cores)
     else:
-        common = dict(compile=True, compile_backend="inductor", device="cuda", precision="bf16", breakdown=True)
-        if name == "b16_cudagraphs":  # the parts run alone would read graph outputs a later replay overwrote
-            common["breakdown"] = False
+        # no breakdown with CUDA graphs: the parts run alone would read graph outputs a later replay overwrote
+        common = dict(compile=True, compile_backend="inductor", device="cuda", precision="bf16",
+                      breakdown=name != "b16_cudagraphs")
         spec = {"b16": dict(config="vit_b16", batch_size=128, steps=100, warmup=10, mask_sets=50, flop_sets=8),
                 # CUDA graphs: one recording per mask length pair, so the warm-up cycles through all 50 sets first
                 "b16_cudagraphs": dict(config="vit_b16", batch_size=128, steps=100, warmup=60, mask_sets=50,
@@ -465,7 +466,7 @@ def _breakdown_rows(result: Dict[str, Any]) -> List[List[str]]:
 def _row(stage: str, result: Dict[str, Any]) -> List[List[str]]:
     if "error" in result or "skipped" in result:
         return [[stage, result.get("skipped") or result["error"], "", ""]]
-    if stage in ("b16", "l16", "h16", "b16_cudagraphs"):
+    if stage in TRAIN_STAGES:
         target = {"b16": ">= 3,600 img/s (~300 TFLOP/s)", "l16": ">= 1,100 img/s", "h16": "fits in 80 GB",
                   "b16_cudagraphs": ">= 3,600 img/s"}[stage]
         reserved = result.get("peak_memory_reserved_gb")
@@ -553,7 +554,7 @@ def _on_alarm(signum, frame):
 
 
 def run_stage(stage: str, args: argparse.Namespace) -> Dict[str, Any]:
-    if stage in ("b16", "l16", "h16", "b16_cudagraphs"):
+    if stage in TRAIN_STAGES:
         return stage_train(args.smoke, stage, args.h16_grad_checkpointing)
     if stage == "features_compiled":
         return stage_features(args.smoke, compiled=True)
